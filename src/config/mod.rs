@@ -1,0 +1,525 @@
+//! The configuration file (SPEC §4): strict YAML, every error reported at once
+//! with its path, `${VAR}` expanded inside string values after parsing.
+
+mod interp;
+mod walk;
+
+use std::time::Duration;
+
+use serde_yaml::Value;
+use sha2::{Digest, Sha256};
+
+use walk::{Env, Errors, Obj, string_value};
+
+/// Where butler listens when the config says nothing.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_WORKERS: u64 = 128;
+/// More threads than this is a typo, not a deployment.
+const MAX_WORKERS: u64 = 4096;
+
+/// A validated configuration. Only fields that butler enforces exist here: a
+/// field that is accepted but ignored would be a silent security hole.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub upstream: Upstream,
+    pub workers: usize,
+    pub log_format: LogFormat,
+    pub log_prompts: bool,
+    pub timeouts: Timeouts,
+    /// Bearer token wanted on `/metrics`; `None` leaves it public.
+    pub metrics_token: Option<String>,
+    pub clients: Vec<Client>,
+}
+
+/// The Ollama server requests are forwarded to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    /// `scheme://host[:port]`, without a trailing slash.
+    pub origin: String,
+    /// Base path without a trailing slash (`""` or `/ollama`).
+    pub base_path: String,
+    pub https: bool,
+}
+
+impl Upstream {
+    /// The URL of `path_and_query` (which starts with `/`) on the upstream.
+    pub fn url(&self, path_and_query: &str) -> String {
+        let mut url =
+            String::with_capacity(self.origin.len() + self.base_path.len() + path_and_query.len());
+        url.push_str(&self.origin);
+        url.push_str(&self.base_path);
+        url.push_str(path_and_query);
+        url
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Every timeout butler applies (SPEC §4 `timeouts`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    /// Total time to receive a request head.
+    pub request_header: Duration,
+    /// Longest pause between two reads of a request body.
+    pub request_body: Duration,
+    /// A keep-alive connection waiting for its next request.
+    pub idle: Duration,
+    /// A connection with a complete request waiting for a free worker.
+    pub queue: Duration,
+    pub upstream_connect: Duration,
+    /// Model loads can delay the first byte for minutes.
+    pub upstream_first_byte: Duration,
+    pub shutdown_drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            request_header: Duration::from_secs(10),
+            request_body: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+            queue: Duration::from_secs(1),
+            upstream_connect: Duration::from_secs(5),
+            upstream_first_byte: Duration::from_secs(600),
+            shutdown_drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An API-key client. The key itself is never kept, only its SHA-256 digest.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub name: String,
+    pub key_sha256: [u8; 32],
+}
+
+impl Config {
+    /// Reads and validates the file at `path`, expanding `${VAR}` from the
+    /// process environment.
+    pub fn load(path: &str) -> Result<Config, Vec<String>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![format!("cannot read config file {path}: {e}")])?;
+        Config::parse(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates YAML text. Returns every error found.
+    pub fn parse(text: &str, env: Env) -> Result<Config, Vec<String>> {
+        let value: Value =
+            serde_yaml::from_str(text).map_err(|e| vec![format!("invalid YAML: {e}")])?;
+        let mut errs = Errors::default();
+        let config = read_root(&value, env, &mut errs);
+        if errs.list.is_empty() { Ok(config) } else { Err(errs.list) }
+    }
+
+    /// Applies `BUTLER_LISTEN` / `BUTLER_UPSTREAM` (SPEC §3) for containers.
+    pub fn apply_env_overrides(&mut self, env: Env) -> Result<(), Vec<String>> {
+        if let Some(listen) = env("BUTLER_LISTEN") {
+            check_listen(&listen).map_err(|e| vec![format!("BUTLER_LISTEN: {e}")])?;
+            self.listen = listen;
+        }
+        if let Some(upstream) = env("BUTLER_UPSTREAM") {
+            self.upstream =
+                parse_upstream(&upstream).map_err(|e| vec![format!("BUTLER_UPSTREAM: {e}")])?;
+        }
+        Ok(())
+    }
+}
+
+fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
+    if !matches!(value, Value::Mapping(_)) {
+        errs.push("", "the configuration must be a YAML mapping");
+    }
+    let mut root = Obj::new(value, "", errs);
+
+    let listen = match root.string("listen", env, errs) {
+        Some(l) => {
+            if let Err(e) = check_listen(&l) {
+                errs.push("listen", e);
+            }
+            l
+        }
+        None => DEFAULT_LISTEN.to_owned(),
+    };
+
+    let upstream = match root.string("upstream", env, errs) {
+        Some(u) => parse_upstream(&u).unwrap_or_else(|e| {
+            errs.push("upstream", e);
+            placeholder_upstream()
+        }),
+        None => {
+            // BUTLER_UPSTREAM may still supply it; checked after overrides.
+            if env("BUTLER_UPSTREAM").is_none() {
+                errs.push("upstream", "required (e.g. \"http://127.0.0.1:11434\")");
+            }
+            placeholder_upstream()
+        }
+    };
+
+    let workers = match root.uint("workers", env, errs) {
+        Some(0) => {
+            errs.push("workers", "must be at least 1");
+            1
+        }
+        Some(n) if n > MAX_WORKERS => {
+            errs.push("workers", format!("must be at most {MAX_WORKERS}"));
+            MAX_WORKERS as usize
+        }
+        Some(n) => n as usize,
+        None => DEFAULT_WORKERS as usize,
+    };
+
+    let log_format = match root.string("log_format", env, errs).as_deref() {
+        None | Some("json") => LogFormat::Json,
+        Some("text") => LogFormat::Text,
+        Some(other) => {
+            errs.push("log_format", format!("expected json or text, got {other:?}"));
+            LogFormat::Json
+        }
+    };
+    let log_prompts = root.bool("log_prompts", env, errs).unwrap_or(false);
+
+    let timeouts = match root.get("timeouts") {
+        Some(v) => read_timeouts(v, env, errs),
+        None => Timeouts::default(),
+    };
+
+    let mut metrics_token = None;
+    if let Some(v) = root.get("metrics") {
+        let mut m = Obj::new(v, "metrics", errs);
+        metrics_token = m.string("token", env, errs);
+        if metrics_token.as_deref() == Some("") {
+            errs.push("metrics.token", "must not be empty (omit it to leave /metrics public)");
+        }
+        m.finish(errs);
+    }
+
+    let mut clients = Vec::new();
+    root.list("clients", errs, |item, path, errs| {
+        if let Some(c) = read_client(item, &path, env, errs) {
+            clients.push(c);
+        }
+    });
+    if clients.is_empty() && !errs.list.iter().any(|e| e.starts_with("clients")) {
+        errs.push("clients", "at least one client is required in api_key mode");
+    }
+    for (i, c) in clients.iter().enumerate() {
+        for other in &clients[..i] {
+            if other.name == c.name {
+                errs.push("clients", format!("duplicate client name \"{}\"", c.name));
+            }
+            if other.key_sha256 == c.key_sha256 {
+                errs.push(
+                    "clients",
+                    format!("clients \"{}\" and \"{}\" have the same key", other.name, c.name),
+                );
+            }
+        }
+    }
+    root.finish(errs);
+
+    Config { listen, upstream, workers, log_format, log_prompts, timeouts, metrics_token, clients }
+}
+
+fn read_timeouts(value: &Value, env: Env, errs: &mut Errors) -> Timeouts {
+    let mut t = Timeouts::default();
+    let mut obj = Obj::new(value, "timeouts", errs);
+    let fields: [(&'static str, &mut Duration); 7] = [
+        ("request_header", &mut t.request_header),
+        ("request_body", &mut t.request_body),
+        ("idle", &mut t.idle),
+        ("queue", &mut t.queue),
+        ("upstream_connect", &mut t.upstream_connect),
+        ("upstream_first_byte", &mut t.upstream_first_byte),
+        ("shutdown_drain", &mut t.shutdown_drain),
+    ];
+    for (key, slot) in fields {
+        let path = obj.field_path(key);
+        if let Some(s) = obj.string(key, env, errs) {
+            match parse_duration(&s) {
+                Ok(d) if d.is_zero() && key != "shutdown_drain" => {
+                    errs.push(&path, "must be greater than zero")
+                }
+                Ok(d) => *slot = d,
+                Err(e) => errs.push(&path, e),
+            }
+        }
+    }
+    obj.finish(errs);
+    t
+}
+
+fn read_client(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option<Client> {
+    let mut obj = Obj::new(value, path, errs);
+    let name = obj.string("name", env, errs);
+    let key = obj.get("key").map(|v| (v, obj.field_path("key")));
+    let digest = obj.get("key_sha256").map(|v| (v, obj.field_path("key_sha256")));
+    obj.finish(errs);
+
+    let name = match name {
+        Some(n) if !n.trim().is_empty() => Some(n),
+        Some(_) => {
+            errs.push(&format!("{path}.name"), "must not be empty");
+            None
+        }
+        None => {
+            errs.push(&format!("{path}.name"), "required");
+            None
+        }
+    };
+    let key_sha256 = match (key, digest) {
+        (Some(_), Some(_)) => {
+            errs.push(path, "set either key or key_sha256, not both");
+            None
+        }
+        (Some((v, p)), None) => match string_value(v, &p, env, errs) {
+            Some(k) if k.is_empty() => {
+                errs.push(&p, "must not be empty");
+                None
+            }
+            Some(k) => Some(sha256(k.as_bytes())),
+            None => None,
+        },
+        (None, Some((v, p))) => {
+            string_value(v, &p, env, errs).and_then(|h| match parse_hex32(&h) {
+                Some(d) => Some(d),
+                None => {
+                    errs.push(&p, "must be 64 hexadecimal characters (a SHA-256 digest)");
+                    None
+                }
+            })
+        }
+        (None, None) => {
+            errs.push(path, "key or key_sha256 is required");
+            None
+        }
+    };
+    Some(Client { name: name?, key_sha256: key_sha256? })
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+fn placeholder_upstream() -> Upstream {
+    Upstream { origin: String::new(), base_path: String::new(), https: false }
+}
+
+/// Checks `host:port` syntax without resolving anything (`butler check` is offline).
+fn check_listen(s: &str) -> Result<(), String> {
+    let (host, port) =
+        s.rsplit_once(':').ok_or_else(|| format!("expected host:port, got {s:?}"))?;
+    if port.parse::<u16>().is_err() {
+        return Err(format!("invalid port in {s:?}"));
+    }
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+        return Err(format!("invalid host in {s:?}"));
+    }
+    Ok(())
+}
+
+/// Parses the upstream URL: `http` or `https`, a host, an optional port and an
+/// optional base path; no credentials, query or fragment.
+pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    let (scheme, rest) = s
+        .split_once("://")
+        .ok_or_else(|| format!("expected http:// or https:// URL, got {s:?}"))?;
+    let https = match scheme.to_ascii_lowercase().as_str() {
+        "http" => false,
+        "https" => true,
+        _ => return Err(format!("scheme must be http or https, got {scheme:?}")),
+    };
+    if rest.contains(['?', '#']) {
+        return Err("must not contain a query or fragment".into());
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if authority.contains('@') {
+        return Err("must not contain credentials".into());
+    }
+    if authority.is_empty() {
+        return Err("missing host".into());
+    }
+    let uri: ureq::http::Uri =
+        format!("{scheme}://{authority}/").parse().map_err(|e| format!("invalid URL: {e}"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("missing host".into());
+    }
+    if authority.ends_with(':') {
+        return Err("empty port".into());
+    }
+    if path.contains(char::is_whitespace) || path.contains("//") {
+        return Err(format!("invalid base path {path:?}"));
+    }
+    Ok(Upstream {
+        origin: format!("{}://{}", scheme.to_ascii_lowercase(), authority),
+        base_path: path.trim_end_matches('/').to_owned(),
+        https,
+    })
+}
+
+/// Parses `500ms`, `30s`, `5m`, `24h`, `7d` (SPEC §4).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (use e.g. 500ms, 30s, 5m, 24h, 7d)"))?;
+    let secs = |mult: u64| {
+        n.checked_mul(mult)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("duration {s:?} is too large"))
+    };
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        _ => Err(format!("invalid duration {s:?} (use e.g. 500ms, 30s, 5m, 24h, 7d)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_DIGEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn parse_env(yaml: &str, vars: &[(&str, &str)]) -> Result<Config, Vec<String>> {
+        let vars: Vec<(String, String)> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::parse(yaml, &move |n| vars.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()))
+    }
+
+    fn parse(yaml: &str) -> Result<Config, Vec<String>> {
+        parse_env(yaml, &[])
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(&format!(
+            "upstream: http://127.0.0.1:11434\nclients:\n  - name: a\n    key_sha256: {KEY_DIGEST}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+        assert_eq!(c.workers, 128);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.timeouts, Timeouts::default());
+        assert_eq!(c.upstream.url("/api/tags"), "http://127.0.0.1:11434/api/tags");
+        assert_eq!(c.clients[0].key_sha256, sha256(b"test"));
+    }
+
+    #[test]
+    fn plaintext_key_is_digested_and_interpolated() {
+        let c = parse_env(
+            "upstream: http://h:1\nclients:\n  - {name: a, key: \"${K}\"}\n",
+            &[("K", "test")],
+        )
+        .unwrap();
+        assert_eq!(c.clients[0].key_sha256, sha256(b"test"));
+    }
+
+    #[test]
+    fn reports_every_error_with_its_path() {
+        let errs = parse(
+            "upstream: ftp://x\nworkers: -1\nbogus: 1\ntimeouts: {idle: 5 minutes}\n\
+             clients:\n  - {name: a, key: k1}\n  - {name: b, key: k2}\n  - {name: c, key: k3, deny_model: x}\n",
+        )
+        .unwrap_err();
+        let has = |needle: &str| errs.iter().any(|e| e == needle);
+        assert!(has("clients[2]: unknown field \"deny_model\""), "{errs:?}");
+        assert!(has("unknown field \"bogus\""), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("upstream: ")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("workers: ")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("timeouts.idle: ")), "{errs:?}");
+        assert_eq!(errs.len(), 5, "{errs:?}");
+    }
+
+    #[test]
+    fn unset_variable_is_an_error() {
+        let errs =
+            parse("upstream: http://h:1\nclients:\n  - {name: a, key: \"${NOPE}\"}\n").unwrap_err();
+        assert_eq!(errs, vec!["clients[0].key: environment variable \"NOPE\" is not set"]);
+    }
+
+    #[test]
+    fn client_validation() {
+        let yaml = [
+            "upstream: http://h:1",
+            "clients:",
+            "  - {name: a, key: same}",
+            "  - {name: a, key: same}",
+            "  - {name: c, key_sha256: abc}",
+            "  - {name: d}",
+            &format!("  - {{name: e, key: x, key_sha256: {KEY_DIGEST}}}"),
+        ]
+        .join("\n");
+        let errs = parse(&yaml).unwrap_err();
+        assert!(errs.contains(&"clients: duplicate client name \"a\"".to_string()), "{errs:?}");
+        assert!(errs.contains(&"clients: clients \"a\" and \"a\" have the same key".to_string()));
+        assert!(errs.iter().any(|e| e.starts_with("clients[2].key_sha256: must be 64")));
+        assert!(errs.contains(&"clients[3]: key or key_sha256 is required".to_string()));
+        assert!(errs.contains(&"clients[4]: set either key or key_sha256, not both".to_string()));
+    }
+
+    #[test]
+    fn upstream_forms() {
+        let u = parse_upstream("https://ollama.lan:8443/base/").unwrap();
+        assert_eq!(u.origin, "https://ollama.lan:8443");
+        assert_eq!(u.base_path, "/base");
+        assert!(u.https);
+        assert_eq!(u.url("/api/chat?x=1"), "https://ollama.lan:8443/base/api/chat?x=1");
+        assert!(parse_upstream("http://[::1]:11434").is_ok());
+        for bad in
+            ["127.0.0.1:11434", "ftp://h", "http://", "http://u:p@h", "http://h/?q", "http://h:"]
+        {
+            assert!(parse_upstream(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
+        for bad in ["", "5", "m", "1.5s", "-1s", "5 m", "5w", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut c = parse("upstream: http://h:1\nclients:\n  - {name: a, key: k}\n").unwrap();
+        let env = |n: &str| match n {
+            "BUTLER_LISTEN" => Some("0.0.0.0:9000".to_string()),
+            "BUTLER_UPSTREAM" => Some("http://ollama:11434".to_string()),
+            _ => None,
+        };
+        c.apply_env_overrides(&env).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:9000");
+        assert_eq!(c.upstream.origin, "http://ollama:11434");
+    }
+}

@@ -1,0 +1,644 @@
+//! The intake's threads: one acceptor thread and a bounded pool of connection
+//! threads (SPEC §2, §11).
+//!
+//! The acceptor owns every connection that is *not* being served: new ones
+//! whose request head is still arriving, idle keep-alive ones, and ones being
+//! closed. It watches them all with one `poll(2)` and hands a connection to a
+//! worker only once a complete request head has arrived. So silent or
+//! half-open connections, slow-loris heads and idle keep-alives cost a file
+//! descriptor and a small buffer, never a thread; workers only ever wait on
+//! request bodies (bounded by `timeouts.request_body`) and on the upstream.
+//!
+//! A connection with a complete head that finds no free worker waits up to
+//! `timeouts.queue`, then gets 503 `{"error":"server busy"}` from the acceptor.
+//! When the number of open connections reaches the cap, the oldest idle
+//! keep-alive connection is closed first to make room.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::conn::Conn;
+use super::exchange::Exchange;
+use super::head::{self, Head, HeadError, MAX_HEAD, Parsed};
+
+/// How long a closing connection is read and discarded after its last
+/// response, so that unread request bytes don't turn the close into a reset
+/// that destroys the response before the client reads it.
+const LINGER: Duration = Duration::from_secs(2);
+/// Most bytes discarded while lingering.
+const LINGER_BYTES: usize = 1 << 20;
+/// Stack for connection threads; parsing is iterative and bounded.
+const WORKER_STACK: usize = 1 << 20;
+
+/// What the intake needs from the application.
+pub trait Service: Send + Sync + 'static {
+    /// Serves one request; must answer through `ex`.
+    fn handle(&self, ex: &mut Exchange<'_>);
+    /// A request refused by the intake itself (for logs and metrics).
+    fn refused(&self, peer: SocketAddr, status: u16, reason: &str);
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub workers: usize,
+    pub request_header: Duration,
+    pub request_body: Duration,
+    pub idle: Duration,
+    pub queue: Duration,
+    pub shutdown_drain: Duration,
+}
+
+/// Starts a graceful shutdown of a running server (SIGTERM, SIGINT).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    flag: Arc<AtomicBool>,
+    wake: Arc<UnixStream>,
+}
+
+impl ShutdownHandle {
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        wake(&self.wake);
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+fn wake(w: &UnixStream) {
+    // Non-blocking: a full pipe already means a wake-up is pending.
+    let _ = (&*w).write(&[1]);
+}
+
+/// A complete head (or a head error) waiting for a worker.
+struct Job {
+    conn: Conn,
+    parsed: Result<(Box<Head>, usize), HeadError>,
+    queued_at: Instant,
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    idle_workers: usize,
+    spawned: usize,
+    stop: bool,
+}
+
+/// A connection handed back from a worker to the acceptor.
+enum Returned {
+    /// Keep-alive: waiting for the next request (possibly partly received).
+    Idle(Conn),
+    /// Closing: discard input for a moment, then close.
+    Linger(TcpStream),
+}
+
+struct Shared {
+    opts: Options,
+    service: Arc<dyn Service>,
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    returned: Mutex<Vec<Returned>>,
+    wake: Arc<UnixStream>,
+    shutdown: Arc<AtomicBool>,
+    /// Workers currently serving a connection.
+    busy: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic never happens while these locks are held; if one did, the data
+    // (queues of sockets) is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    wake_rx: UnixStream,
+}
+
+impl Server {
+    pub fn new(
+        listener: TcpListener,
+        opts: Options,
+        service: Arc<dyn Service>,
+    ) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let (wake_rx, wake_tx) = UnixStream::pair()?;
+        wake_rx.set_nonblocking(true)?;
+        wake_tx.set_nonblocking(true)?;
+        let shared = Arc::new(Shared {
+            opts,
+            service,
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                idle_workers: 0,
+                spawned: 0,
+                stop: false,
+            }),
+            ready: Condvar::new(),
+            returned: Mutex::new(Vec::new()),
+            wake: Arc::new(wake_tx),
+            shutdown: Arc::new(AtomicBool::new(false)),
+            busy: AtomicUsize::new(0),
+        });
+        Ok(Server { listener, shared, wake_rx })
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle { flag: self.shared.shutdown.clone(), wake: self.shared.wake.clone() }
+    }
+
+    /// Serves until shutdown is triggered and in-flight requests have finished
+    /// (or `shutdown_drain` has passed).
+    pub fn run(self) {
+        let max_conns = connection_cap(self.shared.opts.workers);
+        let mut acceptor = Acceptor {
+            listener: Some(self.listener),
+            shared: self.shared,
+            wake_rx: self.wake_rx,
+            conns: Vec::new(),
+            max_conns,
+            accept_paused_until: None,
+            drain_deadline: None,
+        };
+        acceptor.run();
+        let mut q = lock(&acceptor.shared.queue);
+        q.stop = true;
+        drop(q);
+        acceptor.shared.ready.notify_all();
+    }
+}
+
+/// Raises the open-files limit to its hard maximum and derives how many client
+/// connections may be open at once, leaving room for upstream sockets.
+fn connection_cap(workers: usize) -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on a stack struct.
+    let files = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            if lim.rlim_cur < lim.rlim_max {
+                let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                    lim.rlim_cur = lim.rlim_max;
+                }
+            }
+            lim.rlim_cur as usize
+        } else {
+            1024
+        }
+    };
+    let budget = files.saturating_sub(64 + 2 * workers).max(16);
+    (workers + 1024).min(budget)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// A request head is arriving; 408 at the deadline.
+    Head,
+    /// Keep-alive, nothing received yet; closed silently at the deadline.
+    Idle,
+    /// Closing; input discarded until EOF or the deadline.
+    Linger,
+}
+
+struct Held {
+    stream: TcpStream,
+    peer: Option<SocketAddr>,
+    buf: Vec<u8>,
+    state: State,
+    deadline: Instant,
+    /// Bytes thrown away while lingering.
+    discarded: usize,
+}
+
+/// What to do with a held connection after reading from it.
+enum Action {
+    Keep,
+    Drop,
+    Dispatch(Result<(Box<Head>, usize), HeadError>),
+}
+
+struct Acceptor {
+    listener: Option<TcpListener>,
+    shared: Arc<Shared>,
+    wake_rx: UnixStream,
+    conns: Vec<Held>,
+    max_conns: usize,
+    accept_paused_until: Option<Instant>,
+    drain_deadline: Option<Instant>,
+}
+
+impl Acceptor {
+    fn run(&mut self) {
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        loop {
+            let now = Instant::now();
+            if self.shared.shutdown.load(Ordering::SeqCst) && self.drain_deadline.is_none() {
+                self.begin_drain(now);
+            }
+            if let Some(deadline) = self.drain_deadline {
+                let idle = self.shared.busy.load(Ordering::SeqCst) == 0
+                    && lock(&self.shared.queue).jobs.is_empty();
+                if idle || now >= deadline {
+                    return;
+                }
+            }
+            let accepting =
+                self.listener.is_some() && self.accept_paused_until.is_none_or(|t| now >= t);
+            if accepting {
+                self.accept_paused_until = None;
+            }
+
+            fds.clear();
+            fds.push(pollfd(&self.wake_rx));
+            let listener_slot = accepting.then(|| {
+                fds.push(pollfd(self.listener.as_ref().expect("accepting implies a listener")));
+                fds.len() - 1
+            });
+            let first_conn = fds.len();
+            for c in &self.conns {
+                fds.push(pollfd(&c.stream));
+            }
+
+            let timeout = self.next_timeout(now);
+            let ms = timeout.map_or(-1, |t| t.as_millis().clamp(1, 60_000) as libc::c_int);
+            // SAFETY: `fds` is a valid, initialised slice of pollfd.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+            if rc < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    log::error!(error:% = err; "poll failed");
+                    thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+
+            // Readable connections first, before the list changes; then apply
+            // the outcomes from the highest index down so swap_remove keeps
+            // the remaining indices valid.
+            let mut outcomes = Vec::new();
+            for i in 0..self.conns.len() {
+                if fds[first_conn + i].revents != 0 {
+                    match self.on_readable(i) {
+                        Action::Keep => {}
+                        other => outcomes.push((i, other)),
+                    }
+                }
+            }
+            for (i, action) in outcomes.into_iter().rev() {
+                let held = self.conns.swap_remove(i);
+                if let Action::Dispatch(parsed) = action {
+                    self.dispatch(held, parsed);
+                }
+            }
+            if fds[0].revents != 0 {
+                self.collect_returned();
+            }
+            if listener_slot.is_some_and(|s| fds[s].revents != 0) {
+                self.accept_all();
+            }
+            self.expire(Instant::now());
+        }
+    }
+
+    fn begin_drain(&mut self, now: Instant) {
+        self.drain_deadline = Some(now + self.shared.opts.shutdown_drain);
+        // Closing the listener makes new connections fail at once.
+        self.listener = None;
+        // Idle keep-alive connections have no request in flight: close them.
+        self.conns.retain(|c| c.state != State::Idle);
+    }
+
+    fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        let mut next: Option<Instant> = self.conns.iter().map(|c| c.deadline).min();
+        let queue_timeout = self.shared.opts.queue;
+        if let Some(job) = lock(&self.shared.queue).jobs.front() {
+            let t = job.queued_at + queue_timeout;
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        for t in [self.accept_paused_until, self.drain_deadline].into_iter().flatten() {
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        if self.drain_deadline.is_some() {
+            // Re-check the in-flight count regularly while draining.
+            let t = now + Duration::from_millis(20);
+            next = Some(next.map_or(t, |n| n.min(t)));
+        }
+        next.map(|t| t.saturating_duration_since(now))
+    }
+
+    fn accept_all(&mut self) {
+        for _ in 0..256 {
+            let accepted = match &self.listener {
+                Some(listener) => listener.accept(),
+                None => return,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    if self.conns.len() + self.shared.busy.load(Ordering::Relaxed) >= self.max_conns
+                        && !self.evict_idle()
+                    {
+                        self.shared.service.refused(peer, 503, "server busy");
+                        let _ = (&stream).write(SERVER_BUSY);
+                        continue;
+                    }
+                    self.conns.push(Held {
+                        stream,
+                        peer: Some(peer),
+                        buf: Vec::new(),
+                        state: State::Head,
+                        deadline: Instant::now() + self.shared.opts.request_header,
+                        discarded: 0,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => {
+                    // EMFILE/ENFILE and friends: the listener stays readable, so
+                    // pause accepting briefly instead of spinning.
+                    log::error!(error:% = e; "accept failed");
+                    self.accept_paused_until = Some(Instant::now() + Duration::from_millis(100));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Closes the longest-idle keep-alive connection; false if there is none.
+    fn evict_idle(&mut self) -> bool {
+        let oldest = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.state != State::Head)
+            .min_by_key(|(_, c)| (c.state == State::Idle, c.deadline))
+            .map(|(i, _)| i);
+        match oldest {
+            Some(i) => {
+                self.conns.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Reads what a connection has and decides what becomes of it.
+    fn on_readable(&mut self, i: usize) -> Action {
+        let c = &mut self.conns[i];
+        let mut chunk = [0u8; 16 * 1024];
+        if c.state == State::Linger {
+            return match (&c.stream).read(&mut chunk) {
+                Ok(0) => Action::Drop,
+                Ok(n) => {
+                    c.discarded += n;
+                    if c.discarded >= LINGER_BYTES { Action::Drop } else { Action::Keep }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Action::Keep,
+                Err(_) => Action::Drop,
+            };
+        }
+        let room = (MAX_HEAD + 1).saturating_sub(c.buf.len()).clamp(1, chunk.len());
+        let n = match (&c.stream).read(&mut chunk[..room]) {
+            Ok(0) => return Action::Drop,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Action::Keep,
+            Err(_) => return Action::Drop,
+        };
+        c.buf.extend_from_slice(&chunk[..n]);
+        if c.state == State::Idle {
+            c.state = State::Head;
+            c.deadline = Instant::now() + self.shared.opts.request_header;
+        }
+        match head::parse(&c.buf) {
+            Ok(Parsed::Partial) => Action::Keep,
+            Ok(Parsed::Complete(h, len)) => Action::Dispatch(Ok((h, len))),
+            Err(e) => Action::Dispatch(Err(e)),
+        }
+    }
+
+    fn dispatch(&self, held: Held, parsed: Result<(Box<Head>, usize), HeadError>) {
+        let peer = held.peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let job =
+            Job { conn: Conn::new(held.stream, peer, held.buf), parsed, queued_at: Instant::now() };
+        let mut q = lock(&self.shared.queue);
+        q.jobs.push_back(job);
+        if q.idle_workers == 0 && q.spawned < self.shared.opts.workers {
+            q.spawned += 1;
+            let shared = self.shared.clone();
+            let spawned = thread::Builder::new()
+                .name("butler-worker".into())
+                .stack_size(WORKER_STACK)
+                .spawn(move || worker(shared));
+            if let Err(e) = spawned {
+                q.spawned -= 1;
+                log::error!(error:% = e; "cannot start a worker thread");
+            }
+        }
+        drop(q);
+        self.shared.ready.notify_one();
+    }
+
+    fn collect_returned(&mut self) {
+        let mut sink = [0u8; 64];
+        while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+        let returned = std::mem::take(&mut *lock(&self.shared.returned));
+        let now = Instant::now();
+        for r in returned {
+            match r {
+                Returned::Idle(conn) => {
+                    if self.drain_deadline.is_some() {
+                        continue;
+                    }
+                    let (stream, peer, buf) = conn.into_parts();
+                    let (state, deadline) = if buf.is_empty() {
+                        (State::Idle, now + self.shared.opts.idle)
+                    } else {
+                        (State::Head, now + self.shared.opts.request_header)
+                    };
+                    self.conns.push(Held {
+                        stream,
+                        peer: Some(peer),
+                        buf,
+                        state,
+                        deadline,
+                        discarded: 0,
+                    });
+                }
+                Returned::Linger(stream) => self.conns.push(Held {
+                    stream,
+                    peer: None,
+                    buf: Vec::new(),
+                    state: State::Linger,
+                    deadline: now + LINGER,
+                    discarded: 0,
+                }),
+            }
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.conns.len() {
+            if self.conns[i].deadline > now {
+                i += 1;
+                continue;
+            }
+            let c = self.conns.swap_remove(i);
+            if c.state == State::Head {
+                if let Some(peer) = c.peer {
+                    self.shared.service.refused(peer, 408, "request header timeout");
+                }
+                let _ = (&c.stream).write(REQUEST_TIMEOUT);
+                linger_now(c.stream, &mut self.conns, now);
+            }
+        }
+        // Connections that waited too long for a worker.
+        let mut expired = Vec::new();
+        {
+            let mut q = lock(&self.shared.queue);
+            while q.jobs.front().is_some_and(|j| now >= j.queued_at + self.shared.opts.queue) {
+                expired.extend(q.jobs.pop_front());
+            }
+        }
+        for job in expired {
+            self.shared.service.refused(job.conn.peer, 503, "server busy");
+            let (stream, _, _) = job.conn.into_parts();
+            let _ = (&stream).write(SERVER_BUSY);
+            linger_now(stream, &mut self.conns, now);
+        }
+    }
+}
+
+const SERVER_BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 25\r\nConnection: close\r\n\r\n{\"error\":\"server busy\"}\n";
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: 29\r\nConnection: close\r\n\r\n{\"error\":\"request timeout\"}\n";
+
+fn linger_now(stream: TcpStream, conns: &mut Vec<Held>, now: Instant) {
+    let _ = stream.shutdown(Shutdown::Write);
+    conns.push(Held {
+        stream,
+        peer: None,
+        buf: Vec::new(),
+        state: State::Linger,
+        deadline: now + LINGER,
+        discarded: 0,
+    });
+}
+
+fn pollfd(fd: &impl AsRawFd) -> libc::pollfd {
+    libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }
+}
+
+fn worker(shared: Arc<Shared>) {
+    loop {
+        let job = {
+            let mut q = lock(&shared.queue);
+            loop {
+                if let Some(job) = q.jobs.pop_front() {
+                    break job;
+                }
+                if q.stop {
+                    return;
+                }
+                q.idle_workers += 1;
+                q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                q.idle_workers -= 1;
+            }
+        };
+        shared.busy.fetch_add(1, Ordering::SeqCst);
+        serve(&shared, job);
+        shared.busy.fetch_sub(1, Ordering::SeqCst);
+        wake(&shared.wake);
+    }
+}
+
+/// Serves requests on one connection while their heads are already buffered,
+/// then hands the connection back to the acceptor (idle or closing).
+fn serve(shared: &Shared, job: Job) {
+    let Job { mut conn, mut parsed, .. } = job;
+    let service = &*shared.service;
+    loop {
+        let started = Instant::now();
+        let (head, len) = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                let (status, body) = match e {
+                    HeadError::TooLarge => {
+                        (431, "{\"error\":\"request header fields too large\"}\n".to_owned())
+                    }
+                    HeadError::Bad(r) => (400, format!("{{\"error\":\"bad request: {r}\"}}\n")),
+                    HeadError::Target(t) => {
+                        (400, format!("{{\"error\":\"bad request: {}\"}}\n", t.reason()))
+                    }
+                };
+                service.refused(conn.peer, status, body.trim_end());
+                let response = format!(
+                    "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    super::exchange::reason(status),
+                    body.len()
+                );
+                let _ = conn.write_all(response.as_bytes(), shared.opts.request_body);
+                return close(shared, conn);
+            }
+        };
+        conn.consume(len);
+        let draining = shared.shutdown.load(Ordering::SeqCst);
+        let mut ex = Exchange::new(&mut conn, *head, started, shared.opts.request_body, !draining);
+        if draining {
+            let _ = ex.respond_json(503, "{\"error\":\"shutting down\"}\n");
+        } else {
+            let outcome = catch_unwind(AssertUnwindSafe(|| service.handle(&mut ex)));
+            if outcome.is_err() {
+                log::error!(path:% = ex.head.target.path; "request handler panicked");
+                if ex.response_started() {
+                    ex.abort();
+                } else {
+                    let _ = ex.respond_json(500, "{\"error\":\"internal error\"}\n");
+                }
+            }
+            if !ex.response_started() {
+                let _ = ex.respond_json(500, "{\"error\":\"internal error\"}\n");
+            }
+        }
+        let keep = ex.keep_alive();
+        drop(ex);
+        if !keep {
+            return close(shared, conn);
+        }
+        match head::parse(conn.buffered()) {
+            Ok(Parsed::Complete(h, len)) => parsed = Ok((h, len)),
+            Err(e) => parsed = Err(e),
+            Ok(Parsed::Partial) => {
+                lock(&shared.returned).push(Returned::Idle(conn));
+                wake(&shared.wake);
+                return;
+            }
+        }
+    }
+}
+
+/// Closes after a final response: shut our side, then let the acceptor
+/// discard whatever the client still sends.
+fn close(shared: &Shared, conn: Conn) {
+    let (stream, _, _) = conn.into_parts();
+    if stream.shutdown(Shutdown::Write).is_ok() {
+        lock(&shared.returned).push(Returned::Linger(stream));
+        wake(&shared.wake);
+    }
+}

@@ -1,0 +1,15 @@
+//! butler: an access-control reverse proxy for Ollama.
+//!
+//! The binary's entry point is [`cli::main`]; everything else is internal and
+//! public only so that fuzz targets and benchmarks can reach the pure parsers.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod health;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod routes;

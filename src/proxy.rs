@@ -1,0 +1,266 @@
+//! Forwarding to Ollama and streaming the answer back (SPEC §8).
+//!
+//! The upstream client is a `ureq` agent with redirects off, no proxy from the
+//! environment, no decompression and pooled keep-alive connections. Response
+//! bodies are copied read by read: each upstream read becomes one chunk on the
+//! client socket at once, so tokens reach the client as Ollama writes them.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use ureq::http;
+
+use crate::config::{Timeouts, Upstream};
+use crate::http::{BodyError, BodyLen, Exchange};
+
+/// Request headers never forwarded: hop-by-hop ones, credentials meant for
+/// butler, and the ones butler sets itself.
+const DROP_REQUEST: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "host",
+    "content-length",
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "cookie",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-request-id",
+];
+
+/// Response headers not passed back: hop-by-hop and framing (butler frames the
+/// response itself), and the request id butler sets.
+const DROP_RESPONSE: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "x-request-id",
+];
+
+/// Bytes per upstream read; each read is forwarded as it arrives.
+const COPY_BUF: usize = 16 * 1024;
+
+/// How a forwarded request ended, for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Status sent to the client (0 if none could be sent).
+    pub status: u16,
+    /// Time until the upstream's response head, if one came.
+    pub upstream_first_byte: Option<Duration>,
+    /// Set when the exchange did not end normally.
+    pub error: Option<&'static str>,
+}
+
+/// Per-request facts the forwarded headers carry.
+pub struct Forwarding<'a> {
+    pub request_id: &'a str,
+    /// The `X-Forwarded-For` value to send.
+    pub forwarded_for: &'a str,
+    pub proto: &'a str,
+}
+
+pub struct Proxy {
+    agent: ureq::Agent,
+    upstream: Upstream,
+}
+
+impl Proxy {
+    pub fn new(upstream: Upstream, timeouts: &Timeouts, pool_size: usize) -> Proxy {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .max_redirects_will_error(false)
+            .proxy(None)
+            .user_agent(ureq::config::AutoHeaderValue::None)
+            .accept(ureq::config::AutoHeaderValue::None)
+            .accept_encoding(ureq::config::AutoHeaderValue::None)
+            .allow_non_standard_methods(true)
+            .timeout_connect(Some(timeouts.upstream_connect))
+            .timeout_recv_response(Some(timeouts.upstream_first_byte))
+            .max_idle_connections(pool_size)
+            .max_idle_connections_per_host(pool_size)
+            .max_idle_age(Duration::from_secs(30))
+            // Small buffers: many streams may be open on a Raspberry Pi.
+            .input_buffer_size(COPY_BUF)
+            .output_buffer_size(COPY_BUF)
+            .build()
+            .into();
+        Proxy { agent, upstream }
+    }
+
+    /// Forwards the request in `ex` and streams the response back.
+    pub fn forward(&self, ex: &mut Exchange<'_>, fwd: &Forwarding<'_>) -> Outcome {
+        let request = match self.build_request(ex, fwd) {
+            Ok(r) => r,
+            Err(reason) => {
+                let _ = ex.respond_json(400, &format!("{{\"error\":\"bad request: {reason}\"}}\n"));
+                return Outcome { status: 400, upstream_first_byte: None, error: Some(reason) };
+            }
+        };
+        let sent_at = Instant::now();
+        let result = if ex.has_body() {
+            let request = request.map(|()| ureq::SendBody::from_reader(ex));
+            self.agent.run(request)
+        } else {
+            self.agent.run(request.map(|()| ureq::SendBody::none()))
+        };
+        let response = match result {
+            Ok(r) => r,
+            Err(e) => return self.upstream_failed(ex, e),
+        };
+        let first_byte = sent_at.elapsed();
+        let status = response.status().as_u16();
+        let (parts, body) = response.into_parts();
+
+        let connection_listed = listed_in_connection(&parts.headers);
+        let headers: Vec<(&str, &[u8])> = parts
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                let n = name.as_str();
+                !DROP_RESPONSE.contains(&n) && !connection_listed.iter().any(|c| c == n)
+            })
+            .map(|(name, value)| (name.as_str(), value.as_bytes()))
+            .collect();
+
+        let no_body = ex.head.method == "HEAD" || status == 204 || status == 304 || status < 200;
+        let len = if no_body {
+            BodyLen::None(content_length(&parts.headers))
+        } else {
+            match body.content_length() {
+                Some(n) => BodyLen::Length(n),
+                None => BodyLen::Stream,
+            }
+        };
+        let mut outcome = Outcome { status, upstream_first_byte: Some(first_byte), error: None };
+        if ex.start_response(status, &headers, len).is_err() {
+            outcome.error = Some("client closed");
+            return outcome;
+        }
+        if no_body {
+            return outcome;
+        }
+
+        let mut reader = body.into_reader();
+        let mut buf = vec![0u8; COPY_BUF];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => {
+                    if ex.finish().is_err() {
+                        outcome.error = Some("client closed");
+                    }
+                    return outcome;
+                }
+                Ok(n) => {
+                    if ex.send(&buf[..n]).is_err() {
+                        // Dropping the unfinished reader closes the upstream
+                        // connection, so Ollama stops generating.
+                        outcome.error = Some("client closed");
+                        return outcome;
+                    }
+                }
+                Err(_) => {
+                    // The upstream died mid-stream: end without a clean
+                    // terminator so the client sees the truncation.
+                    ex.abort();
+                    outcome.error = Some("upstream closed mid-stream");
+                    return outcome;
+                }
+            }
+        }
+    }
+
+    fn build_request(
+        &self,
+        ex: &Exchange<'_>,
+        fwd: &Forwarding<'_>,
+    ) -> Result<http::Request<()>, &'static str> {
+        let head = &ex.head;
+        let method =
+            http::Method::from_bytes(head.method.as_bytes()).map_err(|_| "invalid method")?;
+        let mut builder =
+            http::Request::builder().method(method).uri(self.upstream.url(&head.target.raw));
+        let connection_listed: Vec<String> = head
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+            .flat_map(|(_, v)| {
+                String::from_utf8_lossy(v)
+                    .split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (name, value) in &head.headers {
+            let lower = name.to_ascii_lowercase();
+            if DROP_REQUEST.contains(&lower.as_str()) || connection_listed.contains(&lower) {
+                continue;
+            }
+            builder = builder.header(name.as_str(), value.as_slice());
+        }
+        if let Some(n) = match head.framing {
+            crate::http::head::Framing::Length(n) => Some(n),
+            _ => None,
+        } {
+            builder = builder.header("content-length", n);
+        }
+        builder = builder
+            .header("x-forwarded-for", fwd.forwarded_for)
+            .header("x-forwarded-proto", fwd.proto)
+            .header("x-request-id", fwd.request_id);
+        builder.body(()).map_err(|_| "invalid header")
+    }
+
+    /// Maps an upstream failure to 502/504, unless the real cause was the
+    /// client's own request body.
+    fn upstream_failed(&self, ex: &mut Exchange<'_>, e: ureq::Error) -> Outcome {
+        let (status, body, error): (u16, &str, &'static str) = match ex.body_error() {
+            Some(BodyError::Timeout) => {
+                (408, "{\"error\":\"request timeout\"}\n", "request body timeout")
+            }
+            Some(BodyError::Malformed(_)) => (
+                400,
+                "{\"error\":\"bad request: malformed chunked body\"}\n",
+                "malformed request body",
+            ),
+            Some(BodyError::Closed) => (0, "", "client closed"),
+            None => match e {
+                ureq::Error::Timeout(ureq::Timeout::RecvResponse) => {
+                    (504, "{\"error\":\"upstream timeout\"}\n", "upstream timeout")
+                }
+                _ => (502, "{\"error\":\"upstream unavailable\"}\n", "upstream unavailable"),
+            },
+        };
+        if status != 0 && !ex.response_started() {
+            let _ = ex.respond_json(status, body);
+        }
+        log::warn!(request_error:% = e; "upstream request failed");
+        Outcome { status, upstream_first_byte: None, error: Some(error) }
+    }
+}
+
+fn listed_in_connection(headers: &http::HeaderMap) -> Vec<String> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .collect()
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers.get(http::header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}

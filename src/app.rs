@@ -32,7 +32,7 @@ impl App {
         Ok(App {
             metrics_token: config.metrics_token.clone(),
             keys: KeyStore::new(&config.clients),
-            proxy: Proxy::new(config.upstream.clone(), &config.timeouts, config.workers.min(64)),
+            proxy: Proxy::new(config.upstream.clone(), &config.timeouts),
             health: Health::new(&config.upstream),
             metrics: Metrics::new(),
             ids: RequestIds::new()?,

@@ -5,7 +5,10 @@
 //! bodies are copied read by read: each upstream read becomes one chunk on the
 //! client socket at once, so tokens reach the client as Ollama writes them.
 
+use std::cell::RefCell;
 use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ureq::http;
@@ -73,13 +76,20 @@ pub struct Forwarding<'a> {
 }
 
 pub struct Proxy {
-    agent: ureq::Agent,
+    config: ureq::config::Config,
     upstream: Upstream,
 }
 
+thread_local! {
+    /// Each connection thread has its own agent (and so its own pool of
+    /// upstream connections): when a client hangs up, shutting that agent
+    /// down interrupts exactly this thread's upstream request and no other.
+    static AGENT: RefCell<Option<ureq::Agent>> = const { RefCell::new(None) };
+}
+
 impl Proxy {
-    pub fn new(upstream: Upstream, timeouts: &Timeouts, pool_size: usize) -> Proxy {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+    pub fn new(upstream: Upstream, timeouts: &Timeouts) -> Proxy {
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
             .max_redirects_will_error(false)
@@ -90,15 +100,21 @@ impl Proxy {
             .allow_non_standard_methods(true)
             .timeout_connect(Some(timeouts.upstream_connect))
             .timeout_recv_response(Some(timeouts.upstream_first_byte))
-            .max_idle_connections(pool_size)
-            .max_idle_connections_per_host(pool_size)
+            // One request at a time per thread: one warm connection is enough.
+            .max_idle_connections(2)
+            .max_idle_connections_per_host(2)
             .max_idle_age(Duration::from_secs(30))
             // Small buffers: many streams may be open on a Raspberry Pi.
             .input_buffer_size(COPY_BUF)
             .output_buffer_size(COPY_BUF)
-            .build()
-            .into();
-        Proxy { agent, upstream }
+            .build();
+        Proxy { config, upstream }
+    }
+
+    fn agent(&self) -> ureq::Agent {
+        AGENT.with_borrow_mut(|slot| {
+            slot.get_or_insert_with(|| ureq::Agent::new_with_config(self.config.clone())).clone()
+        })
     }
 
     /// Forwards the request in `ex` and streams the response back.
@@ -110,15 +126,46 @@ impl Proxy {
                 return Outcome { status: 400, upstream_first_byte: None, error: Some(reason) };
             }
         };
+        let agent = self.agent();
+        let hung_up = Arc::new(AtomicBool::new(false));
+        let _watch = {
+            let (hung_up, agent) = (hung_up.clone(), agent.clone());
+            ex.on_client_hangup(Box::new(move || {
+                hung_up.store(true, Ordering::SeqCst);
+                agent.shutdown();
+            }))
+        };
+        let outcome = self.exchange(ex, request, &agent, &hung_up);
+        if hung_up.load(Ordering::SeqCst) {
+            // This thread's agent is shut down; the next request gets a new one.
+            AGENT.with_borrow_mut(|slot| *slot = None);
+        }
+        outcome
+    }
+
+    fn exchange(
+        &self,
+        ex: &mut Exchange<'_>,
+        request: http::Request<()>,
+        agent: &ureq::Agent,
+        hung_up: &AtomicBool,
+    ) -> Outcome {
         let sent_at = Instant::now();
         let result = if ex.has_body() {
-            let request = request.map(|()| ureq::SendBody::from_reader(ex));
-            self.agent.run(request)
+            agent.run(request.map(|()| ureq::SendBody::from_reader(ex)))
         } else {
-            self.agent.run(request.map(|()| ureq::SendBody::none()))
+            agent.run(request.map(|()| ureq::SendBody::none()))
         };
         let response = match result {
             Ok(r) => r,
+            Err(_) if hung_up.load(Ordering::SeqCst) => {
+                ex.abort();
+                return Outcome {
+                    status: 0,
+                    upstream_first_byte: None,
+                    error: Some("client closed"),
+                };
+            }
             Err(e) => return self.upstream_failed(ex, e),
         };
         let first_byte = sent_at.elapsed();
@@ -171,6 +218,11 @@ impl Proxy {
                         outcome.error = Some("client closed");
                         return outcome;
                     }
+                }
+                Err(_) if hung_up.load(Ordering::SeqCst) => {
+                    ex.abort();
+                    outcome.error = Some("client closed");
+                    return outcome;
                 }
                 Err(_) => {
                     // The upstream died mid-stream: end without a clean

@@ -70,8 +70,8 @@ impl Conn {
     /// Reads once from the socket into the buffer, waiting at most `timeout`.
     /// `Ok(0)` means the peer closed; a timeout is `ErrorKind::TimedOut`.
     pub fn fill(&mut self, timeout: Duration) -> io::Result<usize> {
-        if self.pos > 0 && self.pos == self.buf.len() {
-            self.buf.clear();
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
             self.pos = 0;
         }
         let start = self.buf.len();

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use super::chunked::Decoder;
 use super::conn::Conn;
 use super::head::{Framing, Head, Version};
+use super::server::{WatchGuard, Watches};
+use std::os::fd::AsRawFd;
 
 /// Unread request bodies up to this size are discarded to keep a connection
 /// alive; larger ones close it instead (never an allocation sized by the client).
@@ -52,6 +54,7 @@ enum Resp {
 
 pub struct Exchange<'c> {
     conn: &'c mut Conn,
+    watches: &'c Watches,
     pub head: Head,
     pub started: Instant,
     body: Body,
@@ -79,6 +82,7 @@ impl<'c> Exchange<'c> {
         started: Instant,
         body_timeout: Duration,
         keep_alive: bool,
+        watches: &'c Watches,
     ) -> Exchange<'c> {
         let body = match head.framing {
             Framing::None => Body::Done,
@@ -88,6 +92,7 @@ impl<'c> Exchange<'c> {
         let keep_alive = keep_alive && !head.close;
         Exchange {
             conn,
+            watches,
             head,
             started,
             body,
@@ -107,6 +112,12 @@ impl<'c> Exchange<'c> {
 
     pub fn peer(&self) -> std::net::SocketAddr {
         self.conn.peer
+    }
+
+    /// Calls `on_hangup` if the client closes the connection while the guard
+    /// lives (used to cut the upstream request at once).
+    pub fn on_client_hangup(&self, on_hangup: Box<dyn FnOnce() + Send>) -> WatchGuard<'c> {
+        self.watches.watch(self.conn.stream.as_raw_fd(), on_hangup)
     }
 
     /// Whether the request has a body at all.

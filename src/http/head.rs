@@ -263,4 +263,40 @@ mod tests {
             assert!(matches!(head(raw), Err(HeadError::Target(_))), "{raw}");
         }
     }
+
+    /// Random byte flips in a valid head never panic, and whatever parses
+    /// still obeys the framing rules.
+    #[test]
+    fn random_mutations_never_break_the_rules() {
+        let base = b"POST /api/chat?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nTransfer-Encoding: chunked\r\nX-A: b\r\n\r\n";
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let alphabet =
+            b" :\r\n/%.0123456789abcdefABCDEF-,;chunkedContent-LengthTransfer-Encoding\t\x00\x7f";
+        for _ in 0..20_000 {
+            let mut raw = base.to_vec();
+            for _ in 0..rnd(4) + 1 {
+                let i = rnd(raw.len());
+                match rnd(3) {
+                    0 => raw[i] = alphabet[rnd(alphabet.len())],
+                    1 => raw.insert(i, alphabet[rnd(alphabet.len())]),
+                    _ => {
+                        raw.remove(i);
+                    }
+                }
+            }
+            if let Ok(Parsed::Complete(h, len)) = parse(&raw) {
+                assert!(len <= raw.len());
+                assert!(h.target.path.starts_with('/'));
+                let cl = h.header_count("content-length");
+                let te = h.header_count("transfer-encoding");
+                assert!(cl + te <= 1, "{}", String::from_utf8_lossy(&raw));
+            }
+        }
+    }
 }

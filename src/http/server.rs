@@ -17,10 +17,10 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -45,6 +45,67 @@ pub trait Service: Send + Sync + 'static {
     /// A request refused by the intake itself (for logs and metrics).
     fn refused(&self, peer: SocketAddr, status: u16, reason: &str);
 }
+
+/// Connections whose worker is busy upstream, watched by the acceptor for the
+/// client hanging up, so the upstream request can be cut at once rather than
+/// at the next write to the client (SPEC §8: Ollama stops generating).
+#[derive(Default)]
+pub struct Watches {
+    next_id: AtomicU64,
+    list: Mutex<Vec<Watch>>,
+}
+
+struct Watch {
+    id: u64,
+    fd: RawFd,
+    on_hangup: Box<dyn FnOnce() + Send>,
+}
+
+/// Unregisters a hang-up watch when dropped.
+pub struct WatchGuard<'a> {
+    watches: &'a Watches,
+    id: u64,
+}
+
+impl Watches {
+    /// Calls `on_hangup` once if the peer of `fd` closes its connection while
+    /// the guard lives. The caller must keep `fd` open until the guard drops.
+    pub fn watch(&self, fd: RawFd, on_hangup: Box<dyn FnOnce() + Send>) -> WatchGuard<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.list).push(Watch { id, fd, on_hangup });
+        WatchGuard { watches: self, id }
+    }
+
+    fn snapshot(&self) -> Vec<(u64, RawFd)> {
+        lock(&self.list).iter().map(|w| (w.id, w.fd)).collect()
+    }
+
+    fn fire(&self, id: u64) {
+        let hit = {
+            let mut list = lock(&self.list);
+            list.iter().position(|w| w.id == id).map(|i| list.swap_remove(i))
+        };
+        if let Some(w) = hit {
+            (w.on_hangup)();
+        }
+    }
+}
+
+impl Drop for WatchGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.watches.list).retain(|w| w.id != self.id);
+    }
+}
+
+/// Poll events meaning "the peer closed its side".
+#[cfg(target_os = "linux")]
+const HANGUP: libc::c_short = libc::POLLRDHUP;
+#[cfg(not(target_os = "linux"))]
+const HANGUP: libc::c_short = 0;
+
+/// Longest the acceptor sleeps, so new hang-up watches are polled promptly
+/// without waking it for each one.
+const WATCH_TICK: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -111,6 +172,7 @@ struct Shared {
     shutdown: Arc<AtomicBool>,
     /// Workers currently serving a connection.
     busy: AtomicUsize,
+    watches: Watches,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -149,6 +211,7 @@ impl Server {
             wake: Arc::new(wake_tx),
             shutdown: Arc::new(AtomicBool::new(false)),
             busy: AtomicUsize::new(0),
+            watches: Watches::default(),
         });
         Ok(Server { listener, shared, wake_rx })
     }
@@ -268,9 +331,14 @@ impl Acceptor {
             for c in &self.conns {
                 fds.push(pollfd(&c.stream));
             }
+            let first_watch = fds.len();
+            let watched = self.shared.watches.snapshot();
+            for (_, fd) in &watched {
+                fds.push(libc::pollfd { fd: *fd, events: HANGUP, revents: 0 });
+            }
 
-            let timeout = self.next_timeout(now);
-            let ms = timeout.map_or(-1, |t| t.as_millis().clamp(1, 60_000) as libc::c_int);
+            let timeout = self.next_timeout(now).map_or(WATCH_TICK, |t| t.min(WATCH_TICK));
+            let ms = timeout.as_millis().max(1) as libc::c_int;
             // SAFETY: `fds` is a valid, initialised slice of pollfd.
             let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
             if rc < 0 {
@@ -298,6 +366,11 @@ impl Acceptor {
                 let held = self.conns.swap_remove(i);
                 if let Action::Dispatch(parsed) = action {
                     self.dispatch(held, parsed);
+                }
+            }
+            for (i, (id, _)) in watched.iter().enumerate() {
+                if fds[first_watch + i].revents != 0 {
+                    self.shared.watches.fire(*id);
                 }
             }
             if fds[0].revents != 0 {
@@ -551,6 +624,9 @@ fn worker(shared: Arc<Shared>) {
             let mut q = lock(&shared.queue);
             loop {
                 if let Some(job) = q.jobs.pop_front() {
+                    // Counted as busy before the lock is released, so a drain
+                    // never sees "queue empty, nobody busy" in between.
+                    shared.busy.fetch_add(1, Ordering::SeqCst);
                     break job;
                 }
                 if q.stop {
@@ -561,7 +637,6 @@ fn worker(shared: Arc<Shared>) {
                 q.idle_workers -= 1;
             }
         };
-        shared.busy.fetch_add(1, Ordering::SeqCst);
         serve(&shared, job);
         shared.busy.fetch_sub(1, Ordering::SeqCst);
         wake(&shared.wake);
@@ -599,7 +674,14 @@ fn serve(shared: &Shared, job: Job) {
         };
         conn.consume(len);
         let draining = shared.shutdown.load(Ordering::SeqCst);
-        let mut ex = Exchange::new(&mut conn, *head, started, shared.opts.request_body, !draining);
+        let mut ex = Exchange::new(
+            &mut conn,
+            *head,
+            started,
+            shared.opts.request_body,
+            !draining,
+            &shared.watches,
+        );
         if draining {
             let _ = ex.respond_json(503, "{\"error\":\"shutting down\"}\n");
         } else {

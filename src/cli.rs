@@ -73,14 +73,7 @@ fn default_config_path() -> String {
 }
 
 fn parse_args(args: &[String]) -> Result<Command, String> {
-    let mut it = args.iter().map(String::as_str).peekable();
-    let sub = match it.peek() {
-        Some(&s @ ("check" | "init" | "gen-key" | "hash-password")) => {
-            it.next();
-            Some(s)
-        }
-        _ => None,
-    };
+    let mut it = args.iter().map(String::as_str);
     let mut config: Option<String> = None;
     let mut positional: Vec<&str> = Vec::new();
     while let Some(arg) = it.next() {
@@ -98,21 +91,22 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
             _ => positional.push(arg),
         }
     }
-    let no_extra = |c: Command| {
-        if positional.is_empty() {
-            Ok(c)
-        } else {
-            Err(format!("unexpected argument {}", positional[0]))
-        }
+    let (sub, rest) = match positional.split_first() {
+        Some((&s @ ("check" | "init" | "gen-key" | "hash-password"), rest)) => (Some(s), rest),
+        _ => (None, &positional[..]),
+    };
+    let no_extra = |c: Command| match rest.first() {
+        None => Ok(c),
+        Some(extra) => Err(format!("unexpected argument {extra}")),
     };
     match sub {
         None => no_extra(Command::Run(config.unwrap_or_else(default_config_path))),
         Some("check") => no_extra(Command::Check(config.unwrap_or_else(default_config_path))),
         Some("init") => {
-            if positional.len() > 1 || (config.is_some() && !positional.is_empty()) {
+            if rest.len() > 1 || (config.is_some() && !rest.is_empty()) {
                 return Err("init takes one path".into());
             }
-            let path = positional.first().map(|p| p.to_string()).or(config);
+            let path = rest.first().map(|p| p.to_string()).or(config);
             Ok(Command::Init(path.unwrap_or_else(|| "butler.yaml".into())))
         }
         Some("gen-key") if config.is_none() => no_extra(Command::GenKey),
@@ -154,7 +148,19 @@ fn check(path: &str) -> i32 {
     }
 }
 
+/// glibc gives every thread that allocates its own malloc arena (up to eight
+/// per core), which multiplies resident memory with a pool of connection
+/// threads; two arenas are plenty for butler's short-lived allocations.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn run(path: &str) -> i32 {
+    limit_malloc_arenas();
     let config = match load(path) {
         Ok(c) => c,
         Err(errors) => {
@@ -386,6 +392,7 @@ mod tests {
             matches!(parse_args(&args("--config=x.yaml")), Ok(Command::Run(p)) if p == "x.yaml")
         );
         assert!(matches!(parse_args(&args("check -c y")), Ok(Command::Check(p)) if p == "y"));
+        assert!(matches!(parse_args(&args("-c y check")), Ok(Command::Check(p)) if p == "y"));
         assert!(matches!(parse_args(&args("init")), Ok(Command::Init(p)) if p == "butler.yaml"));
         assert!(
             matches!(parse_args(&args("init my.yaml")), Ok(Command::Init(p)) if p == "my.yaml")

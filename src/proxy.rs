@@ -135,7 +135,7 @@ impl Proxy {
                 agent.shutdown();
             }))
         };
-        let outcome = self.exchange(ex, request, &agent, &hung_up);
+        let outcome = self.exchange(ex, request, &agent, &hung_up, fwd.request_id);
         if hung_up.load(Ordering::SeqCst) {
             // This thread's agent is shut down; the next request gets a new one.
             AGENT.with_borrow_mut(|slot| *slot = None);
@@ -149,6 +149,7 @@ impl Proxy {
         request: http::Request<()>,
         agent: &ureq::Agent,
         hung_up: &AtomicBool,
+        request_id: &str,
     ) -> Outcome {
         let sent_at = Instant::now();
         let result = if ex.has_body() {
@@ -166,7 +167,7 @@ impl Proxy {
                     error: Some("client closed"),
                 };
             }
-            Err(e) => return self.upstream_failed(ex, e),
+            Err(e) => return self.upstream_failed(ex, e, request_id),
         };
         let first_byte = sent_at.elapsed();
         let status = response.status().as_u16();
@@ -278,7 +279,7 @@ impl Proxy {
 
     /// Maps an upstream failure to 502/504, unless the real cause was the
     /// client's own request body.
-    fn upstream_failed(&self, ex: &mut Exchange<'_>, e: ureq::Error) -> Outcome {
+    fn upstream_failed(&self, ex: &mut Exchange<'_>, e: ureq::Error, request_id: &str) -> Outcome {
         let (status, body, error): (u16, &str, &'static str) = match ex.body_error() {
             Some(BodyError::Timeout) => {
                 (408, "{\"error\":\"request timeout\"}\n", "request body timeout")
@@ -299,7 +300,7 @@ impl Proxy {
         if status != 0 && !ex.response_started() {
             let _ = ex.respond_json(status, body);
         }
-        log::warn!(request_error:% = e; "upstream request failed");
+        log::warn!(request_id = request_id, detail:% = e; "upstream request failed");
         Outcome { status, upstream_first_byte: None, error: Some(error) }
     }
 }

@@ -153,7 +153,7 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         }),
         None => {
             // BUTLER_UPSTREAM may still supply it; checked after overrides.
-            if env("BUTLER_UPSTREAM").is_none() {
+            if env("BUTLER_UPSTREAM").is_none_or(|v| v.is_empty()) {
                 errs.push("upstream", "required (e.g. \"http://127.0.0.1:11434\")");
             }
             placeholder_upstream()
@@ -364,8 +364,15 @@ pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err("missing host".into());
     }
-    if authority.ends_with(':') {
-        return Err("empty port".into());
+    // The port follows the last ':' outside an IPv6 literal.
+    let port = match authority.rfind(']') {
+        Some(i) => authority[i + 1..].strip_prefix(':'),
+        None => authority.rsplit_once(':').map(|(_, p)| p),
+    };
+    if let Some(port) = port {
+        if port.parse::<u16>().is_err() {
+            return Err(format!("invalid port {port:?}"));
+        }
     }
     if path.contains(char::is_whitespace) || path.contains("//") {
         return Err(format!("invalid base path {path:?}"));

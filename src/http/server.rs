@@ -35,6 +35,9 @@ use super::head::{self, Head, HeadError, MAX_HEAD, Parsed};
 const LINGER: Duration = Duration::from_secs(2);
 /// Most bytes discarded while lingering.
 const LINGER_BYTES: usize = 1 << 20;
+/// How long a worker waits for the next request on a kept-alive connection
+/// before handing it back to the acceptor.
+const KEEPALIVE_GRACE: Duration = Duration::from_millis(2);
 /// Stack for connection threads; parsing is iterative and bounded.
 const WORKER_STACK: usize = 1 << 20;
 
@@ -653,16 +656,17 @@ fn serve(shared: &Shared, job: Job) {
         let (head, len) = match parsed {
             Ok(p) => p,
             Err(e) => {
-                let (status, body) = match e {
-                    HeadError::TooLarge => {
-                        (431, "{\"error\":\"request header fields too large\"}\n".to_owned())
-                    }
-                    HeadError::Bad(r) => (400, format!("{{\"error\":\"bad request: {r}\"}}\n")),
-                    HeadError::Target(t) => {
-                        (400, format!("{{\"error\":\"bad request: {}\"}}\n", t.reason()))
-                    }
+                let (status, reason) = match e {
+                    HeadError::TooLarge => (431, "request header fields too large"),
+                    HeadError::Bad(r) => (400, r),
+                    HeadError::Target(t) => (400, t.reason()),
+                    HeadError::Expectation => (417, "expectation failed"),
                 };
-                service.refused(conn.peer, status, body.trim_end());
+                let body = match status {
+                    400 => format!("{{\"error\":\"bad request: {reason}\"}}\n"),
+                    _ => format!("{{\"error\":\"{reason}\"}}\n"),
+                };
+                service.refused(conn.peer, status, reason);
                 let response = format!(
                     "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     super::exchange::reason(status),
@@ -703,14 +707,38 @@ fn serve(shared: &Shared, job: Job) {
         if !keep {
             return close(shared, conn);
         }
-        match head::parse(conn.buffered()) {
-            Ok(Parsed::Complete(h, len)) => parsed = Ok((h, len)),
-            Err(e) => parsed = Err(e),
-            Ok(Parsed::Partial) => {
+        match next_head(shared, &mut conn) {
+            Some(next) => parsed = next,
+            None => {
                 lock(&shared.returned).push(Returned::Idle(conn));
                 wake(&shared.wake);
                 return;
             }
+        }
+    }
+}
+
+/// The next request head on a kept-alive connection, if it is already here
+/// or arrives within [`KEEPALIVE_GRACE`] while no other connection waits for
+/// a worker. Clients that send their next request at once (SDKs, load
+/// balancers, pipelining) then skip the hand-off to the acceptor; anything
+/// slower goes back to it and stops occupying this thread.
+fn next_head(shared: &Shared, conn: &mut Conn) -> Option<Result<(Box<Head>, usize), HeadError>> {
+    let mut waited = false;
+    loop {
+        match head::parse(conn.buffered()) {
+            Ok(Parsed::Complete(h, len)) => return Some(Ok((h, len))),
+            Err(e) => return Some(Err(e)),
+            Ok(Parsed::Partial) => {}
+        }
+        if waited || !lock(&shared.queue).jobs.is_empty() {
+            return None;
+        }
+        waited = true;
+        // A closed or failed connection is handed back too; the acceptor
+        // notices and drops it.
+        if !matches!(conn.fill(KEEPALIVE_GRACE), Ok(n) if n > 0) {
+            return None;
         }
     }
 }

@@ -56,6 +56,11 @@ const DROP_RESPONSE: &[&str] = &[
 /// Bytes per upstream read; each read is forwarded as it arrives.
 const COPY_BUF: usize = 16 * 1024;
 
+/// ureq serialises the whole request head into its output buffer, so it
+/// must hold the largest head the intake accepts (32 KiB) plus the headers
+/// butler adds; 64 KiB leaves ample room.
+const UPSTREAM_OUTPUT_BUF: usize = 64 * 1024;
+
 /// How a forwarded request ended, for logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
@@ -104,9 +109,9 @@ impl Proxy {
             .max_idle_connections(2)
             .max_idle_connections_per_host(2)
             .max_idle_age(Duration::from_secs(30))
-            // Small buffers: many streams may be open on a Raspberry Pi.
+            // Small read buffer: many streams may be open on a Raspberry Pi.
             .input_buffer_size(COPY_BUF)
-            .output_buffer_size(COPY_BUF)
+            .output_buffer_size(UPSTREAM_OUTPUT_BUF)
             .build();
         Proxy { config, upstream }
     }

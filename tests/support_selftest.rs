@@ -58,6 +58,29 @@ fn ndjson_tokens_arrive_one_by_one() {
 }
 
 #[test]
+fn first_token_delay_replaces_token_delay_for_token_zero_only() {
+    let fake = FakeOllama::start_with(Behavior {
+        first_token_delay: Some(Duration::ZERO),
+        token_delay: Duration::from_millis(300),
+        tokens: 2,
+        ..Behavior::default()
+    });
+    let mut stream = StreamingResponse::open(fake.addr(), "POST", "/api/chat", &[], &chat_body());
+    let (first, _) = stream.next_json_line(WAIT).expect("token 0");
+    assert_eq!(first["message"]["content"], "tok0");
+    let started = fake
+        .wait_event(|e| matches!(e, Event::ResponseStarted { .. }), WAIT)
+        .expect("ResponseStarted")
+        .at();
+    let t0 = fake.wait_token(0, WAIT).unwrap();
+    let t1 = fake.wait_token(1, WAIT).unwrap();
+    assert!(t0.duration_since(started) < Duration::from_millis(250), "token 0 was delayed");
+    assert!(t1.duration_since(t0) >= Duration::from_millis(300), "token 1 was not delayed");
+    assert!(!stream.read_to_end(WAIT).is_empty(), "token 1 and the final object");
+    assert!(stream.ended_cleanly());
+}
+
+#[test]
 fn drop_after_tokens_truncates_the_stream() {
     let fake = FakeOllama::start_with(Behavior {
         tokens: 5,

@@ -35,9 +35,13 @@ use super::head::{self, Head, HeadError, MAX_HEAD, Parsed};
 const LINGER: Duration = Duration::from_secs(2);
 /// Most bytes discarded while lingering.
 const LINGER_BYTES: usize = 1 << 20;
-/// How long a worker waits for the next request on a kept-alive connection
-/// before handing it back to the acceptor.
-const KEEPALIVE_GRACE: Duration = Duration::from_millis(2);
+/// How long a worker keeps waiting for the next request on a kept-alive
+/// connection before handing it to the acceptor. While workers are free this
+/// makes butler thread-per-connection (fewest context switches); as soon as
+/// a connection waits for a worker, the `pressure` signal makes every such
+/// waiting worker give its idle connection back at once, so idle keep-alive
+/// connections yield to new requests first.
+const KEEPALIVE_GRACE: Duration = Duration::from_secs(1);
 /// Stack for connection threads; parsing is iterative and bounded.
 const WORKER_STACK: usize = 1 << 20;
 
@@ -153,6 +157,10 @@ struct Job {
 struct Queue {
     jobs: VecDeque<Job>,
     idle_workers: usize,
+    /// Jobs are waiting and no worker is free: workers holding idle
+    /// keep-alive connections must give them back (the `pressure` pipe is
+    /// readable while this is set).
+    pressure: bool,
     spawned: usize,
     stop: bool,
 }
@@ -176,6 +184,26 @@ struct Shared {
     /// Workers currently serving a connection.
     busy: AtomicUsize,
     watches: Watches,
+    /// Readable while [`Queue::pressure`] is set; polled by workers waiting
+    /// on an idle keep-alive connection.
+    pressure_rx: UnixStream,
+    pressure_tx: UnixStream,
+}
+
+impl Shared {
+    /// Sets or clears the pressure signal; call with the queue locked.
+    fn set_pressure(&self, q: &mut Queue, on: bool) {
+        if q.pressure == on {
+            return;
+        }
+        q.pressure = on;
+        if on {
+            let _ = (&self.pressure_tx).write(&[1]);
+        } else {
+            let mut sink = [0u8; 16];
+            while matches!((&self.pressure_rx).read(&mut sink), Ok(n) if n > 0) {}
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -198,14 +226,17 @@ impl Server {
     ) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
         let (wake_rx, wake_tx) = UnixStream::pair()?;
-        wake_rx.set_nonblocking(true)?;
-        wake_tx.set_nonblocking(true)?;
+        let (pressure_rx, pressure_tx) = UnixStream::pair()?;
+        for s in [&wake_rx, &wake_tx, &pressure_rx, &pressure_tx] {
+            s.set_nonblocking(true)?;
+        }
         let shared = Arc::new(Shared {
             opts,
             service,
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 idle_workers: 0,
+                pressure: false,
                 spawned: 0,
                 stop: false,
             }),
@@ -215,6 +246,8 @@ impl Server {
             shutdown: Arc::new(AtomicBool::new(false)),
             busy: AtomicUsize::new(0),
             watches: Watches::default(),
+            pressure_rx,
+            pressure_tx,
         });
         Ok(Server { listener, shared, wake_rx })
     }
@@ -388,6 +421,8 @@ impl Acceptor {
 
     fn begin_drain(&mut self, now: Instant) {
         self.drain_deadline = Some(now + self.shared.opts.shutdown_drain);
+        // Workers waiting on idle keep-alive connections let them go.
+        self.shared.set_pressure(&mut lock(&self.shared.queue), true);
         // Closing the listener makes new connections fail at once.
         self.listener = None;
         // Idle keep-alive connections have no request in flight: close them.
@@ -526,6 +561,8 @@ impl Acceptor {
                 q.spawned -= 1;
                 log::error!(error:% = e; "cannot start a worker thread");
             }
+        } else if q.idle_workers == 0 {
+            self.shared.set_pressure(&mut q, true);
         }
         drop(q);
         self.shared.ready.notify_one();
@@ -592,6 +629,9 @@ impl Acceptor {
             while q.jobs.front().is_some_and(|j| now >= j.queued_at + self.shared.opts.queue) {
                 expired.extend(q.jobs.pop_front());
             }
+            if q.jobs.is_empty() {
+                self.shared.set_pressure(&mut q, false);
+            }
         }
         for job in expired {
             self.shared.service.refused(job.conn.peer, 503, "server busy");
@@ -627,6 +667,9 @@ fn worker(shared: Arc<Shared>) {
             let mut q = lock(&shared.queue);
             loop {
                 if let Some(job) = q.jobs.pop_front() {
+                    if q.jobs.is_empty() {
+                        shared.set_pressure(&mut q, false);
+                    }
                     // Counted as busy before the lock is released, so a drain
                     // never sees "queue empty, nobody busy" in between.
                     shared.busy.fetch_add(1, Ordering::SeqCst);
@@ -720,9 +763,7 @@ fn serve(shared: &Shared, job: Job) {
 
 /// The next request head on a kept-alive connection, if it is already here
 /// or arrives within [`KEEPALIVE_GRACE`] while no other connection waits for
-/// a worker. Clients that send their next request at once (SDKs, load
-/// balancers, pipelining) then skip the hand-off to the acceptor; anything
-/// slower goes back to it and stops occupying this thread.
+/// a worker (see [`KEEPALIVE_GRACE`]).
 fn next_head(shared: &Shared, conn: &mut Conn) -> Option<Result<(Box<Head>, usize), HeadError>> {
     let mut waited = false;
     loop {
@@ -731,13 +772,20 @@ fn next_head(shared: &Shared, conn: &mut Conn) -> Option<Result<(Box<Head>, usiz
             Err(e) => return Some(Err(e)),
             Ok(Parsed::Partial) => {}
         }
-        if waited || !lock(&shared.queue).jobs.is_empty() {
+        if waited || lock(&shared.queue).pressure {
             return None;
         }
         waited = true;
+        let mut fds = [pollfd(&conn.stream), pollfd(&shared.pressure_rx)];
+        let grace = KEEPALIVE_GRACE.min(shared.opts.idle).as_millis() as libc::c_int;
+        // SAFETY: two valid pollfds.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, grace) };
+        if rc <= 0 || fds[1].revents != 0 {
+            return None;
+        }
         // A closed or failed connection is handed back too; the acceptor
         // notices and drops it.
-        if !matches!(conn.fill(KEEPALIVE_GRACE), Ok(n) if n > 0) {
+        if !matches!(conn.fill(Duration::ZERO), Ok(n) if n > 0) {
             return None;
         }
     }

@@ -53,6 +53,9 @@ pub struct Behavior {
     /// the connection so it notices a departed client at once. Non-streamed inference responses
     /// wait `tokens * token_delay` before their head, like a model generating.
     pub token_delay: Duration,
+    /// Pause before the first streamed token instead of `token_delay` (e.g. a fast first
+    /// token followed by slow ones, to test a client leaving while the fake is pausing).
+    pub first_token_delay: Option<Duration>,
     /// Number of tokens generated per inference request (reported as `eval_count`).
     pub tokens: usize,
     /// Pause before writing the status line of any response (simulates a model load). The
@@ -79,6 +82,7 @@ impl Default for Behavior {
     fn default() -> Behavior {
         Behavior {
             token_delay: Duration::ZERO,
+            first_token_delay: None,
             tokens: 3,
             first_byte_delay: Duration::ZERO,
             fail_status: None,
@@ -1060,7 +1064,11 @@ fn stream(out: &mut Out<'_>, b: &Behavior, plan: Plan) -> Flow {
         if b.drop_after_tokens == Some(index) {
             return Err(out.abort());
         }
-        out.pause(b.token_delay)?;
+        let delay = match b.first_token_delay {
+            Some(first) if index == 0 => first,
+            _ => b.token_delay,
+        };
+        out.pause(delay)?;
         // Stamped before the write, so any read of this chunk happens after `at`.
         let at = Instant::now();
         out.chunk(token.as_bytes())?;

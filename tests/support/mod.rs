@@ -4,6 +4,7 @@
 //!   (tokens written, butler hanging up) so streaming behaviour can be asserted without sleeps.
 //! - [`butler`]: runs the real butler binary on a temp config and reads its JSON logs.
 //! - [`client`]: a raw HTTP/1.1 client with exact control over bytes and framing.
+//! - [`setup`]: the standard test configuration, its keys, and error-response assertions.
 //!
 //! Every blocking wait here takes a timeout, so a broken product fails a test instead of
 //! hanging it. Each test file compiles this module separately and uses only part of it, hence
@@ -13,6 +14,7 @@
 pub mod butler;
 pub mod client;
 pub mod fake_ollama;
+pub mod setup;
 
 pub use butler::{
     BUTLER_BIN, Butler, CLI_TIMEOUT, LogLine, START_TIMEOUT, TempDir, listening_addr, run_cli,

@@ -294,7 +294,11 @@ fn start_butler(bin: &str, upstream: SocketAddr) -> (Child, SocketAddr) {
     let child = Command::new(bin)
         .arg("--config")
         .arg(&config)
-        .stdout(Stdio::null())
+        // BENCH_BUTLER_LOG=file keeps butler's log lines for a post-mortem.
+        .stdout(match std::env::var("BENCH_BUTLER_LOG") {
+            Ok(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
+            Err(_) => Stdio::null(),
+        })
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {bin} (run `make build` first): {e}"));

@@ -550,7 +550,11 @@ impl Acceptor {
             Job { conn: Conn::new(held.stream, peer, held.buf), parsed, queued_at: Instant::now() };
         let mut q = lock(&self.shared.queue);
         q.jobs.push_back(job);
-        if q.idle_workers == 0 && q.spawned < self.shared.opts.workers {
+        // Idle workers that were notified but have not woken yet still count
+        // in `idle_workers`, so compare with the queue length: every queued
+        // job needs a worker of its own.
+        let short = q.jobs.len() > q.idle_workers;
+        if short && q.spawned < self.shared.opts.workers {
             q.spawned += 1;
             let shared = self.shared.clone();
             let spawned = thread::Builder::new()
@@ -561,7 +565,7 @@ impl Acceptor {
                 q.spawned -= 1;
                 log::error!(error:% = e; "cannot start a worker thread");
             }
-        } else if q.idle_workers == 0 {
+        } else if short {
             self.shared.set_pressure(&mut q, true);
         }
         drop(q);

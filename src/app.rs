@@ -1,5 +1,5 @@
-//! The request pipeline (SPEC §7.5): public routes, then authentication, then
-//! forwarding; with the request id, the audit log lines and the metrics that
+//! The request pipeline (SPEC §7.5): public routes, authentication, policy,
+//! then forwarding; with the request id, the audit log lines and the metrics that
 //! every request gets.
 
 use std::net::SocketAddr;
@@ -9,14 +9,24 @@ use log::Level;
 use log::kv::Value;
 use subtle::ConstantTimeEq;
 
-use crate::auth::KeyStore;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use crate::auth::{Identity, KeyStore};
 use crate::config::Config;
 use crate::health::Health;
+use crate::http::exchange::BodyError;
+use crate::http::head::Framing;
 use crate::http::{Exchange, Service};
+use crate::inspect::{self, MAX_INSPECTED};
+use crate::limits::RateLimiter;
 use crate::logging;
 use crate::metrics::Metrics;
-use crate::proxy::{Forwarding, Proxy};
-use crate::routes::{self, Public};
+use crate::policy::Refusal;
+use crate::policy::model::ModelName;
+use crate::proxy::{Forwarding, Outcome, Proxy, Upload};
+use crate::routes::{self, Class, Listing, Public};
 
 pub struct App {
     metrics_token: Option<String>,
@@ -25,6 +35,8 @@ pub struct App {
     health: Health,
     metrics: Metrics,
     ids: RequestIds,
+    limiter: RateLimiter,
+    log_prompts: bool,
 }
 
 impl App {
@@ -36,6 +48,8 @@ impl App {
             health: Health::new(&config.upstream),
             metrics: Metrics::new(),
             ids: RequestIds::new()?,
+            limiter: RateLimiter::new(config.global_rate_limit),
+            log_prompts: config.log_prompts,
         })
     }
 
@@ -104,6 +118,145 @@ fn unauthorized(ex: &mut Exchange<'_>) {
     );
 }
 
+/// What an admitted request forwards.
+struct Plan {
+    upload: Upload,
+    listing: Option<Listing>,
+    /// Normalised name of the model it runs, for logs and metrics.
+    model: Option<String>,
+    /// Digest of the inspected prompt text (audits without the text).
+    prompt_sha256: Option<String>,
+}
+
+/// Why a request goes no further.
+enum Stop {
+    Refused(Refusal),
+    /// Already answered (or the client left); the status for the log.
+    Answered(u16, &'static str),
+}
+
+impl From<Refusal> for Stop {
+    fn from(r: Refusal) -> Stop {
+        Stop::Refused(r)
+    }
+}
+
+impl App {
+    /// SPEC §7.5 after authentication: route class, rate limits, body size,
+    /// parse, model ACL, caps, patterns. Nothing is forwarded unless every
+    /// step admits it.
+    fn admit(
+        &self,
+        ex: &mut Exchange<'_>,
+        identity: &Identity,
+        class: &Class,
+        id: &str,
+    ) -> Result<Plan, Stop> {
+        let policy = &*identity.policy;
+        if *class == Class::Butler {
+            let _ = ex.respond_json(404, "{\"error\":\"not found\"}\n");
+            return Err(Stop::Answered(404, "not found"));
+        }
+        if class.needs_manage() && !policy.allow_manage {
+            return Err(Refusal::EndpointNotAllowed.into());
+        }
+        self.limiter
+            .check(&identity.client, policy.rate_limit, Instant::now())
+            .map_err(|l| Refusal::RateLimited { retry_after_secs: l.retry_after_secs() })?;
+
+        let declared = match ex.head.framing {
+            Framing::Length(n) => Some(n),
+            _ => None,
+        };
+        let inspected = class.inspected();
+        if let (Some(n), Some(max)) = (declared, policy.max_request_bytes) {
+            if n > max {
+                return Err(Refusal::TooLarge.into());
+            }
+        }
+        if inspected.is_some() && declared.is_some_and(|n| n > MAX_INSPECTED as u64) {
+            return Err(Refusal::BodyTooLarge.into());
+        }
+
+        let mut plan =
+            Plan { upload: Upload::Stream, listing: None, model: None, prompt_sha256: None };
+        match class {
+            Class::ModelInfoPath(raw) => {
+                let name = ModelName::parse(raw).map_err(|e| Refusal::BadRequest(e.into()))?;
+                if !policy.permits(&name) {
+                    return Err(Refusal::ModelDenied.into());
+                }
+                plan.model = Some(name.short().to_owned());
+            }
+            Class::Listing(kind) if !policy.models.permits_all() => plan.listing = Some(*kind),
+            _ => {}
+        }
+        let Some(kind) = inspected else {
+            if let Some(max) = policy.max_request_bytes {
+                ex.limit_body(max);
+            }
+            return Ok(plan);
+        };
+
+        let ceiling = policy
+            .max_request_bytes
+            .map_or(MAX_INSPECTED, |m| usize::try_from(m).unwrap_or(usize::MAX).min(MAX_INSPECTED));
+        let body = match ex.read_body_limited(ceiling) {
+            Ok(Some(body)) => body,
+            Ok(None) if policy.max_request_bytes.is_some_and(|m| m <= MAX_INSPECTED as u64) => {
+                return Err(Refusal::TooLarge.into());
+            }
+            Ok(None) => return Err(Refusal::BodyTooLarge.into()),
+            Err(_) => return Err(body_failed(ex)),
+        };
+        let request = inspect::inspect(kind, &body).map_err(Refusal::BadRequest)?;
+        let verdict = policy.judge(&request)?;
+        plan.model = verdict.models.first().map(|m| m.short().to_owned());
+        if kind.is_inference() {
+            let mut hasher = Sha256::new();
+            for (i, text) in request.texts.iter().enumerate() {
+                if i > 0 {
+                    hasher.update(b"\n");
+                }
+                hasher.update(text.as_bytes());
+            }
+            plan.prompt_sha256 = Some(crate::auth::keys::hex(&hasher.finalize()));
+            if self.log_prompts {
+                let prompts = serde_json::to_string(&request.texts).unwrap_or_default();
+                logging::emit(
+                    Level::Info,
+                    "prompts",
+                    &[
+                        ("request_id", Value::from(id)),
+                        ("client", Value::from(identity.client.as_str())),
+                        ("prompts", Value::from(prompts.as_str())),
+                    ],
+                );
+            }
+        }
+        plan.upload = Upload::Bytes(verdict.body.unwrap_or(body));
+        Ok(plan)
+    }
+}
+
+/// Answers a request body that could not be read whole.
+fn body_failed(ex: &mut Exchange<'_>) -> Stop {
+    match ex.body_error() {
+        Some(BodyError::Timeout) => {
+            let _ = ex.respond_json(408, "{\"error\":\"request timeout\"}\n");
+            Stop::Answered(408, "request body timeout")
+        }
+        Some(BodyError::Malformed(_)) => {
+            Stop::Refused(Refusal::BadRequest("malformed chunked body".into()))
+        }
+        Some(BodyError::TooLarge) => Stop::Refused(Refusal::TooLarge),
+        Some(BodyError::Closed) | None => {
+            ex.abort();
+            Stop::Answered(0, "client closed")
+        }
+    }
+}
+
 impl Service for App {
     fn handle(&self, ex: &mut Exchange<'_>) {
         let start = ex.started;
@@ -116,7 +269,7 @@ impl Service for App {
 
         if let Some(public) = routes::public(&path) {
             let status = self.public(ex, public);
-            self.metrics.request("", route, status, start.elapsed());
+            self.metrics.request("", "", route, status, start.elapsed());
             return;
         }
 
@@ -133,7 +286,7 @@ impl Service for App {
                 );
                 self.metrics.rejected("", "unauthorized");
                 unauthorized(ex);
-                self.metrics.request("", route, 401, start.elapsed());
+                self.metrics.request("", "", route, 401, start.elapsed());
                 return;
             }
         };
@@ -145,15 +298,69 @@ impl Service for App {
             "request"
         );
 
-        let outcome = self
-            .proxy
-            .forward(ex, &Forwarding { request_id: &id, forwarded_for: &remote, proto: "http" });
+        let class = routes::classify(&method, &path);
+        let (outcome, model, prompt_sha256) = match self.admit(ex, &identity, &class, &id) {
+            Ok(plan) => {
+                let policy = identity.policy.clone();
+                let filter =
+                    plan.listing.map(|kind| move |body: &[u8]| policy.filter_listing(kind, body));
+                let outcome = self.proxy.forward(
+                    ex,
+                    &Forwarding { request_id: &id, forwarded_for: &remote, proto: "http" },
+                    plan.upload,
+                    filter.as_ref().map(|f| f as &dyn Fn(&[u8]) -> Option<Vec<u8>>),
+                );
+                if outcome.status == 413 {
+                    self.metrics.rejected(client, "too_large");
+                }
+                (outcome, plan.model, plan.prompt_sha256)
+            }
+            Err(Stop::Refused(refusal)) => {
+                let status = refusal.status();
+                let mut fields: Vec<(&str, Value)> = vec![
+                    ("request_id", Value::from(id.as_str())),
+                    ("client", Value::from(client)),
+                    ("method", Value::from(method.as_str())),
+                    ("path", Value::from(path.as_str())),
+                    ("remote", Value::from(remote.as_str())),
+                    ("status", Value::from(status)),
+                    ("reason", Value::from(refusal.reason())),
+                ];
+                match &refusal {
+                    // The pattern is logged, never the prompt (SPEC §7.4).
+                    Refusal::PromptRejected { pattern } => {
+                        fields.push(("pattern", Value::from(pattern.as_str())))
+                    }
+                    Refusal::BadRequest(detail) => {
+                        fields.push(("detail", Value::from(detail.as_str())))
+                    }
+                    _ => {}
+                }
+                logging::emit(Level::Warn, "request rejected", &fields);
+                self.metrics.rejected(client, refusal.reason());
+                let body = refusal.body();
+                let retry;
+                let mut headers: Vec<(&str, &[u8])> = vec![("Content-Type", b"application/json")];
+                if let Refusal::RateLimited { retry_after_secs } = refusal {
+                    retry = retry_after_secs.to_string();
+                    headers.push(("Retry-After", retry.as_bytes()));
+                }
+                let _ = ex.respond(status, &headers, body.as_bytes());
+                (Outcome { status, upstream_first_byte: None, error: None }, None, None)
+            }
+            Err(Stop::Answered(status, error)) => {
+                (Outcome { status, upstream_first_byte: None, error: Some(error) }, None, None)
+            }
+        };
 
         let duration = start.elapsed();
         let ttfb_ms = ex.first_byte.map_or(0, |t| t.duration_since(start).as_millis() as u64);
-        let mut fields: Vec<(&str, Value)> = vec![
-            ("request_id", Value::from(id.as_str())),
-            ("client", Value::from(client)),
+        let mut fields: Vec<(&str, Value)> =
+            vec![("request_id", Value::from(id.as_str())), ("client", Value::from(client))];
+        if let Some(m) = &model {
+            fields.push(("model", Value::from(m.as_str())));
+        }
+        fields.extend([
             ("method", Value::from(method.as_str())),
             ("path", Value::from(path.as_str())),
             ("remote", Value::from(remote.as_str())),
@@ -161,12 +368,16 @@ impl Service for App {
             ("duration_ms", Value::from(duration.as_millis() as u64)),
             ("ttfb_ms", Value::from(ttfb_ms)),
             ("bytes", Value::from(ex.bytes_sent)),
-        ];
+        ]);
+        if let Some(digest) = &prompt_sha256 {
+            fields.push(("prompt_sha256", Value::from(digest.as_str())));
+        }
         if let Some(error) = outcome.error {
             fields.push(("error", Value::from(error)));
         }
         logging::emit(Level::Info, "response", &fields);
-        self.metrics.request(client, route, outcome.status, duration);
+        let model_label = model.as_deref().unwrap_or("");
+        self.metrics.request(client, model_label, route, outcome.status, duration);
         if let Some(t) = outcome.upstream_first_byte {
             self.metrics.upstream_first_byte(t);
         }

@@ -293,7 +293,11 @@ fn init_config(digest: &str) -> String {
          clients:\n\
          \x20 - name: admin\n\
          \x20   # SHA-256 of the key printed by `butler init`; the key itself is not stored.\n\
-         \x20   key_sha256: \"{digest}\"\n"
+         \x20   key_sha256: \"{digest}\"\n\
+         \x20   # The owner's key: every model, and pull/delete/create. Give other\n\
+         \x20   # clients only what they need (policy fields: docs/policy.md).\n\
+         \x20   allow_models: [\"*\"]\n\
+         \x20   allow_manage: true\n"
     )
 }
 
@@ -410,6 +414,8 @@ mod tests {
         let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
         let c = Config::parse(&init_config(digest), &|_| None).unwrap();
         assert_eq!(c.clients.len(), 1);
+        assert!(c.clients[0].policy.models.permits_all());
+        assert!(c.clients[0].policy.allow_manage);
         assert_eq!(c.upstream.origin, "http://127.0.0.1:11434");
     }
 }

@@ -84,9 +84,18 @@ pub fn format_json(record: &Record) -> String {
 
 struct Fields<'a>(&'a mut Map<String, Json>);
 
+/// Fields whose value is already serialised JSON (an array), emitted as
+/// JSON rather than as a string: `log::kv` has no array values.
+const RAW_JSON_FIELDS: &[&str] = &["prompts"];
+
 impl<'kvs> VisitSource<'kvs> for Fields<'_> {
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), log::kv::Error> {
-        self.0.insert(key.as_str().to_owned(), to_json(&value));
+        let json = if RAW_JSON_FIELDS.contains(&key.as_str()) {
+            serde_json::from_str(&value.to_string()).unwrap_or_else(|_| to_json(&value))
+        } else {
+            to_json(&value)
+        };
+        self.0.insert(key.as_str().to_owned(), json);
         Ok(())
     }
 }

@@ -37,8 +37,8 @@ impl Histogram {
 
 #[derive(Default)]
 struct Families {
-    /// (client, path, status)
-    requests: HashMap<(String, &'static str, u16), u64>,
+    /// (client, model, path, status)
+    requests: HashMap<(String, String, &'static str, u16), u64>,
     /// (client, reason)
     rejected: HashMap<(String, &'static str), u64>,
     /// path
@@ -75,12 +75,27 @@ impl Metrics {
         self.families.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts a request that butler answered or forwarded.
-    pub fn request(&self, client: &str, path: &'static str, status: u16, took: Duration) {
+    /// Counts a request that butler answered or forwarded. `model` is the
+    /// normalised model name, or empty when the request names none.
+    pub fn request(
+        &self,
+        client: &str,
+        model: &str,
+        path: &'static str,
+        status: u16,
+        took: Duration,
+    ) {
         let mut f = self.lock();
-        let key = bounded(&f.requests, (client.to_owned(), path, status), || {
-            ("other".to_owned(), path, status)
-        });
+        // A full family first loses the model, then the client (SPEC §10).
+        let key = (client.to_owned(), model.to_owned(), path, status);
+        let key = if f.requests.len() < MAX_SERIES || f.requests.contains_key(&key) {
+            key
+        } else {
+            let other_model = (client.to_owned(), "other".to_owned(), path, status);
+            bounded(&f.requests, other_model, || {
+                ("other".to_owned(), "other".to_owned(), path, status)
+            })
+        };
         *f.requests.entry(key).or_insert(0) += 1;
         f.duration.entry(path).or_default().observe(took.as_secs_f64());
     }
@@ -115,11 +130,12 @@ impl Metrics {
         );
         let mut rows: Vec<_> = f.requests.iter().collect();
         rows.sort();
-        for ((client, path, status), n) in rows {
+        for ((client, model, path, status), n) in rows {
             let _ = writeln!(
                 out,
-                "butler_requests_total{{client=\"{}\",path=\"{}\",status=\"{status}\"}} {n}",
+                "butler_requests_total{{client=\"{}\",model=\"{}\",path=\"{}\",status=\"{status}\"}} {n}",
                 escape(client),
+                escape(model),
                 escape(path)
             );
         }
@@ -224,14 +240,14 @@ mod tests {
     #[test]
     fn renders_families_and_bounds_series() {
         let m = Metrics::new();
-        m.request("we\"ird", "/api/chat", 200, Duration::from_millis(20));
+        m.request("we\"ird", "llama3.2:latest", "/api/chat", 200, Duration::from_millis(20));
         m.rejected("", "unauthorized");
         for i in 0..MAX_SERIES + 50 {
             m.rejected(&format!("c{i}"), "unauthorized");
         }
         let text = m.render();
         assert!(text.contains(
-            "butler_requests_total{client=\"we\\\"ird\",path=\"/api/chat\",status=\"200\"} 1"
+            "butler_requests_total{client=\"we\\\"ird\",model=\"llama3.2:latest\",path=\"/api/chat\",status=\"200\"} 1"
         ));
         assert!(
             text.contains(

@@ -72,6 +72,21 @@ pub struct Outcome {
     pub error: Option<&'static str>,
 }
 
+/// The request body to send upstream.
+pub enum Upload {
+    /// Whatever the client sends, streamed through (or none).
+    Stream,
+    /// An inspected body, already read (possibly rewritten).
+    Bytes(Vec<u8>),
+}
+
+/// Rewrites a complete `200` response body (a filtered listing); `None`
+/// means the upstream's body was not what it should be (502).
+pub type Rewrite<'a> = &'a dyn Fn(&[u8]) -> Option<Vec<u8>>;
+
+/// Largest upstream body butler buffers to rewrite.
+const MAX_REWRITE: u64 = 8 * 1024 * 1024;
+
 /// Per-request facts the forwarded headers carry.
 pub struct Forwarding<'a> {
     pub request_id: &'a str,
@@ -123,8 +138,21 @@ impl Proxy {
     }
 
     /// Forwards the request in `ex` and streams the response back.
-    pub fn forward(&self, ex: &mut Exchange<'_>, fwd: &Forwarding<'_>) -> Outcome {
-        let request = match self.build_request(ex, fwd) {
+    pub fn forward(
+        &self,
+        ex: &mut Exchange<'_>,
+        fwd: &Forwarding<'_>,
+        upload: Upload,
+        rewrite: Option<Rewrite<'_>>,
+    ) -> Outcome {
+        let length = match &upload {
+            Upload::Bytes(b) => Some(b.len() as u64),
+            Upload::Stream => match ex.head.framing {
+                crate::http::head::Framing::Length(n) => Some(n),
+                _ => None,
+            },
+        };
+        let request = match self.build_request(ex, fwd, length) {
             Ok(r) => r,
             Err(reason) => {
                 let _ = ex.respond_json(400, &format!("{{\"error\":\"bad request: {reason}\"}}\n"));
@@ -140,7 +168,7 @@ impl Proxy {
                 agent.shutdown();
             }))
         };
-        let outcome = self.exchange(ex, request, &agent, &hung_up, fwd.request_id);
+        let outcome = self.exchange(ex, request, upload, rewrite, &agent, &hung_up, fwd.request_id);
         if hung_up.load(Ordering::SeqCst) {
             // This thread's agent is shut down; the next request gets a new one.
             AGENT.with_borrow_mut(|slot| *slot = None);
@@ -148,16 +176,21 @@ impl Proxy {
         outcome
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn exchange(
         &self,
         ex: &mut Exchange<'_>,
         request: http::Request<()>,
+        upload: Upload,
+        rewrite: Option<Rewrite<'_>>,
         agent: &ureq::Agent,
         hung_up: &AtomicBool,
         request_id: &str,
     ) -> Outcome {
         let sent_at = Instant::now();
-        let result = if ex.has_body() {
+        let result = if let Upload::Bytes(bytes) = &upload {
+            agent.run(request.map(|()| bytes.as_slice()))
+        } else if ex.has_body() {
             agent.run(request.map(|()| ureq::SendBody::from_reader(ex)))
         } else {
             agent.run(request.map(|()| ureq::SendBody::none()))
@@ -199,6 +232,29 @@ impl Proxy {
             }
         };
         let mut outcome = Outcome { status, upstream_first_byte: Some(first_byte), error: None };
+        if let (Some(rewrite), 200, false) = (rewrite, status, no_body) {
+            let mut original = Vec::new();
+            let read = body.into_reader().take(MAX_REWRITE + 1).read_to_end(&mut original);
+            let rewritten = match read {
+                Ok(n) if n as u64 <= MAX_REWRITE => rewrite(&original),
+                _ => None,
+            };
+            let Some(new_body) = rewritten else {
+                log::warn!(request_id = request_id; "upstream listing is not valid JSON");
+                let _ = ex.respond_json(502, "{\"error\":\"upstream unavailable\"}\n");
+                outcome.status = 502;
+                outcome.error = Some("invalid upstream listing");
+                return outcome;
+            };
+            let len = BodyLen::Length(new_body.len() as u64);
+            if ex.start_response(status, &headers, len).is_err()
+                || ex.send(&new_body).is_err()
+                || ex.finish().is_err()
+            {
+                outcome.error = Some("client closed");
+            }
+            return outcome;
+        }
         if ex.start_response(status, &headers, len).is_err() {
             outcome.error = Some("client closed");
             return outcome;
@@ -245,6 +301,7 @@ impl Proxy {
         &self,
         ex: &Exchange<'_>,
         fwd: &Forwarding<'_>,
+        length: Option<u64>,
     ) -> Result<http::Request<()>, &'static str> {
         let head = &ex.head;
         let method =
@@ -269,10 +326,7 @@ impl Proxy {
             }
             builder = builder.header(name.as_str(), value.as_slice());
         }
-        if let Some(n) = match head.framing {
-            crate::http::head::Framing::Length(n) => Some(n),
-            _ => None,
-        } {
+        if let Some(n) = length {
             builder = builder.header("content-length", n);
         }
         builder = builder
@@ -295,6 +349,9 @@ impl Proxy {
                 "malformed request body",
             ),
             Some(BodyError::Closed) => (0, "", "client closed"),
+            Some(BodyError::TooLarge) => {
+                (413, "{\"error\":\"request too large\"}\n", "request too large")
+            }
             None => match e {
                 ureq::Error::Timeout(ureq::Timeout::RecvResponse) => {
                     (504, "{\"error\":\"upstream timeout\"}\n", "upstream timeout")

@@ -2,6 +2,8 @@
 //! template is what metrics use as the `path` label, so label sets stay
 //! bounded whatever paths clients send.
 
+use crate::inspect::Kind;
+
 /// Routes answered by butler itself without credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Public {
@@ -65,6 +67,80 @@ fn one_segment_after(path: &str, prefix: &str) -> bool {
     path.strip_prefix(prefix).is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
 }
 
+/// What a route is, for policy (SPEC §6). Public routes are matched first
+/// by [`public`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Class {
+    /// Body inspected: model ACL, caps, prompt patterns.
+    Inference(Kind),
+    /// `/api/show` (body names the model).
+    ModelInfo,
+    /// `GET /v1/models/{model}`: the model is in the path (percent-decoded).
+    ModelInfoPath(String),
+    /// Responses filtered to the models the subject may use.
+    Listing(Listing),
+    /// `GET`/`HEAD` `/` and `/api/version`: authentication is enough.
+    Info,
+    /// Routes butler will answer itself once they exist (`/auth/login`,
+    /// `/butler/usage`); never forwarded.
+    Butler,
+    /// Needs `allow_manage`; `Some` when the body names models.
+    Management(Option<Kind>),
+    /// Anything else: `allow_manage` required.
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    /// `/api/tags` and `/api/ps`: `{"models":[{"name":…,"model":…}]}`.
+    Ollama,
+    /// `/v1/models`: `{"data":[{"id":…}]}`.
+    OpenAi,
+}
+
+impl Class {
+    /// Whether the request body is parsed (and the 8 MiB ceiling applies).
+    pub fn inspected(&self) -> Option<Kind> {
+        match self {
+            Class::Inference(k) | Class::Management(Some(k)) => Some(*k),
+            Class::ModelInfo => Some(Kind::ModelOnly),
+            _ => None,
+        }
+    }
+
+    pub fn needs_manage(&self) -> bool {
+        matches!(self, Class::Management(_) | Class::Other)
+    }
+}
+
+/// Classifies a decoded, dot-segment-free path. Body-carrying routes are
+/// classified by path whatever the method, so a body is never forwarded
+/// uninspected on them; listings and info only for `GET`/`HEAD`.
+pub fn classify(method: &str, path: &str) -> Class {
+    let read = method == "GET" || method == "HEAD";
+    match path {
+        "/api/chat" | "/api/generate" => Class::Inference(Kind::OllamaGenerate),
+        "/api/embed" | "/api/embeddings" => Class::Inference(Kind::OllamaEmbed),
+        "/v1/chat/completions" | "/v1/completions" => Class::Inference(Kind::OpenAiGenerate),
+        "/v1/embeddings" => Class::Inference(Kind::OpenAiEmbed),
+        "/v1/responses" => Class::Inference(Kind::Responses),
+        "/v1/messages" => Class::Inference(Kind::Messages),
+        "/api/show" => Class::ModelInfo,
+        "/api/pull" | "/api/push" | "/api/delete" => Class::Management(Some(Kind::ModelOnly)),
+        "/api/copy" => Class::Management(Some(Kind::Copy)),
+        "/api/create" => Class::Management(Some(Kind::Create)),
+        "/api/tags" | "/api/ps" if read => Class::Listing(Listing::Ollama),
+        "/v1/models" if read => Class::Listing(Listing::OpenAi),
+        "/" | "/api/version" if read => Class::Info,
+        "/auth/login" | "/butler/usage" => Class::Butler,
+        _ if one_segment_after(path, "/api/blobs/") => Class::Management(None),
+        _ if read && one_segment_after(path, "/v1/models/") => {
+            Class::ModelInfoPath(path["/v1/models/".len()..].to_owned())
+        }
+        _ => Class::Other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +155,22 @@ mod tests {
         assert_eq!(template("/x\t\"y"), "other");
         assert_eq!(public("/metrics"), Some(Public::Metrics));
         assert_eq!(public("/api/tags"), None);
+    }
+
+    #[test]
+    fn classes() {
+        assert_eq!(classify("POST", "/api/chat"), Class::Inference(Kind::OllamaGenerate));
+        assert_eq!(classify("GET", "/api/chat"), Class::Inference(Kind::OllamaGenerate));
+        assert_eq!(classify("GET", "/api/tags"), Class::Listing(Listing::Ollama));
+        assert_eq!(classify("DELETE", "/api/tags"), Class::Other);
+        assert_eq!(classify("HEAD", "/"), Class::Info);
+        assert_eq!(classify("DELETE", "/api/delete"), Class::Management(Some(Kind::ModelOnly)));
+        assert_eq!(classify("POST", "/api/blobs/sha256:ab"), Class::Management(None));
+        assert_eq!(classify("GET", "/v1/models/m:7b"), Class::ModelInfoPath("m:7b".into()));
+        assert_eq!(classify("GET", "/v1/models/a/b"), Class::Other);
+        assert_eq!(classify("GET", "/api/me"), Class::Other);
+        assert_eq!(classify("POST", "/v1/images/generations"), Class::Other);
+        assert!(Class::Other.needs_manage());
+        assert_eq!(Class::ModelInfo.inspected(), Some(Kind::ModelOnly));
     }
 }

@@ -199,10 +199,11 @@ fn a_body_that_never_comes_gets_408_and_butler_lives_on() {
     let butler = start(&fake, "timeouts: {request_body: 500ms}\n");
     let mut conn = RawConn::connect(butler.addr());
     let sent = Instant::now();
+    // A streamed (uninspected) route: the body would go straight to the upstream.
     conn.write(
         format!(
-            "POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
-             Content-Type: application/json\r\nContent-Length: 100000000000\r\n\r\n",
+            "POST /api/blobs/sha256:abc HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+             Content-Length: 100000000000\r\n\r\n",
             bearer()
         )
         .as_bytes(),
@@ -219,6 +220,22 @@ fn a_body_that_never_comes_gets_408_and_butler_lives_on() {
     let next = get(butler.addr(), "/api/tags", &[("Authorization", &bearer())]);
     assert_eq!(next.status, 200);
     assert!(butler.is_running());
+
+    // On an inspected route the declared length alone is refused (SPEC §7.3), at once.
+    let mut conn = RawConn::connect(butler.addr());
+    conn.write(
+        format!(
+            "POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100000000000\r\n\r\n",
+            bearer()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let response = conn.read_response("POST", WAIT).expect("a response");
+    assert_error(&response, 413, "request body too large");
+    assert!(conn.wait_closed(WAIT));
+    assert_eq!(fake.request_count(), 1);
 }
 
 #[test]

@@ -319,15 +319,21 @@ fn metrics_are_valid_prometheus_text_and_count_exactly() {
 
     let requests = "butler_requests_total";
     assert_eq!(
-        count(requests, &[("client", "c1"), ("path", "/api/tags"), ("status", "200")]),
+        count(
+            requests,
+            &[("client", "c1"), ("model", ""), ("path", "/api/tags"), ("status", "200")]
+        ),
         Some(3.0)
     );
     assert_eq!(
-        count(requests, &[("client", "c2"), ("path", "/api/tags"), ("status", "200")]),
+        count(
+            requests,
+            &[("client", "c2"), ("model", ""), ("path", "/api/tags"), ("status", "200")]
+        ),
         Some(1.0)
     );
     assert_eq!(
-        count(requests, &[("client", "c1"), ("path", "other"), ("status", "404")]),
+        count(requests, &[("client", "c1"), ("model", ""), ("path", "other"), ("status", "404")]),
         Some(3.0)
     );
     assert_eq!(
@@ -339,7 +345,10 @@ fn metrics_are_valid_prometheus_text_and_count_exactly() {
     // The client name round-trips through the escapes.
     let weird = "we\"ird\\name\nx";
     assert_eq!(
-        count(requests, &[("client", weird), ("path", "/api/tags"), ("status", "200")]),
+        count(
+            requests,
+            &[("client", weird), ("model", ""), ("path", "/api/tags"), ("status", "200")]
+        ),
         Some(1.0)
     );
     assert!(text.contains(r#"client="we\"ird\\name\nx""#), "{text}");
@@ -365,11 +374,19 @@ fn metrics_are_valid_prometheus_text_and_count_exactly() {
     // The scrape itself is counted, after it was rendered.
     let again = validate_exposition(&get("/metrics", &[]).body_str());
     assert_eq!(
-        metric(&again, requests, &[("client", ""), ("path", "/metrics"), ("status", "200")]),
+        metric(
+            &again,
+            requests,
+            &[("client", ""), ("model", ""), ("path", "/metrics"), ("status", "200")]
+        ),
         Some(1.0)
     );
     assert_eq!(
-        metric(&again, requests, &[("client", "c1"), ("path", "/api/tags"), ("status", "200")]),
+        metric(
+            &again,
+            requests,
+            &[("client", "c1"), ("model", ""), ("path", "/api/tags"), ("status", "200")]
+        ),
         Some(3.0)
     );
 }

@@ -3,17 +3,22 @@
 
 pub mod keys;
 
+use std::sync::Arc;
+
 use base64::Engine;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::config::{Client, sha256};
 use crate::http::Head;
+use crate::policy::Policy;
 
 /// Who a request was authenticated as.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Identity {
-    /// The client's configured name (logs, metrics).
+    /// The client's configured name (logs, metrics, rate-limit key).
     pub client: String,
+    /// What it may do.
+    pub policy: Arc<Policy>,
 }
 
 /// Why authentication failed. All of them answer the same 401; the reason is
@@ -37,12 +42,17 @@ impl Failure {
 
 /// API-key clients, held as SHA-256 digests of their keys.
 pub struct KeyStore {
-    clients: Vec<(String, [u8; 32])>,
+    clients: Vec<(String, [u8; 32], Arc<Policy>)>,
 }
 
 impl KeyStore {
     pub fn new(clients: &[Client]) -> KeyStore {
-        KeyStore { clients: clients.iter().map(|c| (c.name.clone(), c.key_sha256)).collect() }
+        KeyStore {
+            clients: clients
+                .iter()
+                .map(|c| (c.name.clone(), c.key_sha256, c.policy.clone()))
+                .collect(),
+        }
     }
 
     /// Finds the client whose key digest equals the digest of `key`. Every
@@ -51,7 +61,7 @@ impl KeyStore {
         let digest = sha256(key.as_bytes());
         let mut index = 0u64;
         let mut found = subtle::Choice::from(0);
-        for (i, (_, stored)) in self.clients.iter().enumerate() {
+        for (i, (_, stored, _)) in self.clients.iter().enumerate() {
             let hit = stored.ct_eq(&digest);
             index.conditional_assign(&(i as u64), hit);
             found |= hit;
@@ -72,7 +82,8 @@ impl KeyStore {
             }
         }
         let i = matched.ok_or(Failure::Missing)?;
-        Ok(Identity { client: self.clients[i].0.clone() })
+        let (name, _, policy) = &self.clients[i];
+        Ok(Identity { client: name.clone(), policy: policy.clone() })
     }
 }
 
@@ -138,8 +149,8 @@ mod tests {
 
     fn store() -> KeyStore {
         KeyStore::new(&[
-            Client { name: "a".into(), key_sha256: sha256(b"sk-a") },
-            Client { name: "b".into(), key_sha256: sha256(b"sk-b") },
+            Client { name: "a".into(), key_sha256: sha256(b"sk-a"), policy: Default::default() },
+            Client { name: "b".into(), key_sha256: sha256(b"sk-b"), policy: Default::default() },
         ])
     }
 

@@ -4,11 +4,15 @@
 mod interp;
 mod walk;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_yaml::Value;
 use sha2::{Digest, Sha256};
 
+use crate::limits::Rate;
+use crate::policy::model::{ModelAcl, Pattern};
+use crate::policy::{Policy, PromptFilter};
 use walk::{Env, Errors, Obj, string_value};
 
 /// Where butler listens when the config says nothing.
@@ -29,6 +33,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Bearer token wanted on `/metrics`; `None` leaves it public.
     pub metrics_token: Option<String>,
+    /// Requests per window across every subject.
+    pub global_rate_limit: Option<Rate>,
     pub clients: Vec<Client>,
 }
 
@@ -96,6 +102,7 @@ impl Default for Timeouts {
 pub struct Client {
     pub name: String,
     pub key_sha256: [u8; 32],
+    pub policy: Arc<Policy>,
 }
 
 impl Config {
@@ -198,6 +205,13 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         m.finish(errs);
     }
 
+    let global_rate_limit = root.string("global_rate_limit", env, errs).and_then(|r| {
+        Rate::parse(&r).unwrap_or_else(|e| {
+            errs.push("global_rate_limit", e);
+            None
+        })
+    });
+
     let mut clients = Vec::new();
     root.list("clients", errs, |item, path, errs| {
         if let Some(c) = read_client(item, &path, env, errs) {
@@ -222,7 +236,17 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
     }
     root.finish(errs);
 
-    Config { listen, upstream, workers, log_format, log_prompts, timeouts, metrics_token, clients }
+    Config {
+        listen,
+        upstream,
+        workers,
+        log_format,
+        log_prompts,
+        timeouts,
+        metrics_token,
+        global_rate_limit,
+        clients,
+    }
 }
 
 fn read_timeouts(value: &Value, env: Env, errs: &mut Errors) -> Timeouts {
@@ -258,6 +282,7 @@ fn read_client(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option
     let name = obj.string("name", env, errs);
     let key = obj.get("key").map(|v| (v, obj.field_path("key")));
     let digest = obj.get("key_sha256").map(|v| (v, obj.field_path("key_sha256")));
+    let policy = read_policy(&mut obj, env, errs);
     obj.finish(errs);
 
     let name = match name {
@@ -298,7 +323,54 @@ fn read_client(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option
             None
         }
     };
-    Some(Client { name: name?, key_sha256: key_sha256? })
+    Some(Client { name: name?, key_sha256: key_sha256?, policy: Arc::new(policy) })
+}
+
+/// Reads the policy fields (SPEC §4) of a client, user or role policy.
+pub(crate) fn read_policy(obj: &mut Obj, env: Env, errs: &mut Errors) -> Policy {
+    let patterns = |key: &'static str, obj: &mut Obj, errs: &mut Errors| {
+        let mut out = Vec::new();
+        for (raw, path) in obj.strings(key, env, errs) {
+            match Pattern::parse(&raw) {
+                Ok(p) => out.push(p),
+                Err(e) => errs.push(&path, e),
+            }
+        }
+        out
+    };
+    let allow = patterns("allow_models", obj, errs);
+    let deny = patterns("deny_models", obj, errs);
+    let allow_manage = obj.bool("allow_manage", env, errs).unwrap_or(false);
+    let rate_limit = obj.string("rate_limit", env, errs).and_then(|r| {
+        Rate::parse(&r).unwrap_or_else(|e| {
+            errs.push(&obj.field_path("rate_limit"), e);
+            None
+        })
+    });
+    let max_request_bytes = obj.uint("max_request_bytes", env, errs);
+    let max_ctx = obj.uint("max_ctx", env, errs);
+    let max_predict = obj.uint("max_predict", env, errs);
+    let sources: Vec<(String, String)> = obj.strings("deny_prompt_patterns", env, errs);
+    let mut compiled = Vec::new();
+    for (source, path) in sources {
+        match PromptFilter::new(vec![source.clone()]) {
+            Ok(_) => compiled.push(source),
+            Err(e) => errs.push(&path, e),
+        }
+    }
+    let prompts = PromptFilter::new(compiled).unwrap_or_else(|e| {
+        errs.push(&obj.field_path("deny_prompt_patterns"), e);
+        PromptFilter::default()
+    });
+    Policy {
+        models: ModelAcl::new(allow, deny),
+        allow_manage,
+        rate_limit,
+        max_request_bytes,
+        max_ctx,
+        max_predict,
+        prompts,
+    }
 }
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {

@@ -141,6 +141,22 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// A list of strings, each interpolated and paired with its path.
+    pub fn strings(
+        &mut self,
+        key: &'static str,
+        env: Env,
+        errs: &mut Errors,
+    ) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        self.list(key, errs, |item, path, errs| {
+            if let Some(s) = string_value(item, &path, env, errs) {
+                out.push((s, path));
+            }
+        });
+        out
+    }
+
     /// Reports every key that was not read as `unknown field "x"`.
     pub fn finish(self, errs: &mut Errors) {
         let Some(map) = self.map else { return };

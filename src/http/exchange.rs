@@ -31,6 +31,8 @@ pub enum BodyError {
     Malformed(&'static str),
     /// The client closed the connection before the body ended.
     Closed,
+    /// The body grew past the limit set with [`Exchange::limit_body`].
+    TooLarge,
 }
 
 /// How the response body is delimited.
@@ -62,6 +64,9 @@ pub struct Exchange<'c> {
     write_stall: Duration,
     continue_sent: bool,
     body_error: Option<BodyError>,
+    /// Most body bytes the request may carry, and how many were read.
+    body_limit: Option<u64>,
+    body_read: u64,
     resp: Resp,
     keep_alive: bool,
     /// Headers added to every response (request id, …).
@@ -100,6 +105,8 @@ impl<'c> Exchange<'c> {
             write_stall: body_timeout,
             continue_sent: false,
             body_error: None,
+            body_limit: None,
+            body_read: 0,
             resp: Resp::NotStarted,
             keep_alive,
             extra: Vec::new(),
@@ -123,6 +130,12 @@ impl<'c> Exchange<'c> {
     /// Whether the request has a body at all.
     pub fn has_body(&self) -> bool {
         self.head.framing != Framing::None
+    }
+
+    /// Makes reading fail with [`BodyError::TooLarge`] once the body grows
+    /// past `max` bytes (a streamed upload over `max_request_bytes`).
+    pub fn limit_body(&mut self, max: u64) {
+        self.body_limit = Some(max);
     }
 
     /// The first error met while reading the request body.
@@ -151,6 +164,7 @@ impl<'c> Exchange<'c> {
             BodyError::Timeout => io::Error::new(io::ErrorKind::TimedOut, "request body timeout"),
             BodyError::Malformed(m) => io::Error::new(io::ErrorKind::InvalidData, m),
             BodyError::Closed => io::Error::new(io::ErrorKind::UnexpectedEof, "client closed"),
+            BodyError::TooLarge => io::Error::new(io::ErrorKind::InvalidData, "request too large"),
         }
     }
 
@@ -172,6 +186,16 @@ impl<'c> Exchange<'c> {
 
     /// Reads request body bytes (0 at the end of the body).
     pub fn read_body(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.read_body_unlimited(out)?;
+        self.body_read += n as u64;
+        if self.body_limit.is_some_and(|max| self.body_read > max) {
+            self.keep_alive = false;
+            return Err(self.fail(BodyError::TooLarge));
+        }
+        Ok(n)
+    }
+
+    fn read_body_unlimited(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
         }

@@ -16,11 +16,14 @@ pub const KEY2: &str = "sk-test-c2-9e8d7c6b5a4f3e2d1c0b";
 pub const WAIT: Duration = Duration::from_secs(5);
 
 /// A configuration on an ephemeral port forwarding to `upstream`, with clients `c1` ([`KEY`])
-/// and `c2` ([`KEY2`]). `extra` is inserted as top-level YAML (e.g. `"workers: 1\n"`).
+/// and `c2` ([`KEY2`]), both allowed every model and every route (these tests are about the
+/// transport; policy has its own suite). `extra` is inserted as top-level YAML (e.g.
+/// `"workers: 1\n"`).
 pub fn config(upstream: &str, extra: &str) -> String {
     format!(
         "listen: \"127.0.0.1:0\"\nupstream: \"{upstream}\"\n{extra}\nclients:\n  \
-         - name: c1\n    key: \"{KEY}\"\n  - name: c2\n    key: \"{KEY2}\"\n"
+         - name: c1\n    key: \"{KEY}\"\n    allow_models: [\"*\"]\n    allow_manage: true\n  \
+         - name: c2\n    key: \"{KEY2}\"\n    allow_models: [\"*\"]\n    allow_manage: true\n"
     )
 }
 

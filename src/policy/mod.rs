@@ -1,0 +1,346 @@
+//! Policy: what a subject may do with which model (SPEC §4, §6, §7). Pure
+//! decisions over values: an inspected request in, a verdict or a refusal
+//! out. The same [`Policy`] type serves clients, users and role policies.
+
+pub mod model;
+
+use regex::{RegexSet, RegexSetBuilder};
+
+use crate::inspect::{self, Json, Limit, Num, Request};
+use crate::limits::Rate;
+use crate::routes::Listing;
+use model::{ModelAcl, ModelName};
+
+/// Compiled-program ceiling per prompt pattern set: a hostile or careless
+/// regex must not eat memory at startup.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// The policy fields of SPEC §4 that butler enforces.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub models: ModelAcl,
+    pub allow_manage: bool,
+    pub rate_limit: Option<Rate>,
+    pub max_request_bytes: Option<u64>,
+    pub max_ctx: Option<u64>,
+    pub max_predict: Option<u64>,
+    pub prompts: PromptFilter,
+}
+
+/// `deny_prompt_patterns`, compiled into one set so each string is scanned
+/// once whatever the number of patterns.
+#[derive(Debug, Clone, Default)]
+pub struct PromptFilter {
+    set: Option<RegexSet>,
+    sources: Vec<String>,
+}
+
+impl PromptFilter {
+    /// Compiles the patterns (Rust `regex` syntax, size-limited). The error
+    /// names the first pattern that does not compile.
+    pub fn new(patterns: Vec<String>) -> Result<PromptFilter, String> {
+        if patterns.is_empty() {
+            return Ok(PromptFilter::default());
+        }
+        for p in &patterns {
+            RegexSetBuilder::new([p])
+                .size_limit(REGEX_SIZE_LIMIT)
+                .build()
+                .map_err(|e| format!("invalid pattern {p:?}: {}", first_line(&e.to_string())))?;
+        }
+        let set = RegexSetBuilder::new(&patterns)
+            .size_limit(REGEX_SIZE_LIMIT * 4)
+            .build()
+            .map_err(|e| format!("patterns too large together: {}", first_line(&e.to_string())))?;
+        Ok(PromptFilter { set: Some(set), sources: patterns })
+    }
+
+    /// The first configured pattern that matches any of `texts`.
+    pub fn first_match(&self, texts: &[String]) -> Option<&str> {
+        let set = self.set.as_ref()?;
+        texts.iter().find_map(|t| set.matches(t).iter().next().map(|i| self.sources[i].as_str()))
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s)
+}
+
+/// Why a request is refused after authentication. Each maps to SPEC §7.5's
+/// status and body and to a `butler_requests_rejected_total` reason.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    EndpointNotAllowed,
+    RateLimited {
+        retry_after_secs: u64,
+    },
+    /// Over the subject's `max_request_bytes`.
+    TooLarge,
+    /// Over the 8 MiB inspection ceiling.
+    BodyTooLarge,
+    BadRequest(String),
+    ModelDenied,
+    CtxExceeded {
+        asked: Num,
+        limit: u64,
+    },
+    PredictExceeded {
+        asked: Num,
+        limit: u64,
+    },
+    PromptRejected {
+        pattern: String,
+    },
+}
+
+impl Refusal {
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::EndpointNotAllowed | Refusal::ModelDenied | Refusal::PromptRejected { .. } => {
+                403
+            }
+            Refusal::RateLimited { .. } => 429,
+            Refusal::TooLarge | Refusal::BodyTooLarge => 413,
+            Refusal::BadRequest(_)
+            | Refusal::CtxExceeded { .. }
+            | Refusal::PredictExceeded { .. } => 400,
+        }
+    }
+
+    /// The `error` text of the JSON body.
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::EndpointNotAllowed => "endpoint not allowed".into(),
+            Refusal::RateLimited { .. } => "rate limit exceeded".into(),
+            Refusal::TooLarge => "request too large".into(),
+            Refusal::BodyTooLarge => "request body too large".into(),
+            Refusal::BadRequest(reason) => format!("bad request: {reason}"),
+            Refusal::ModelDenied => "model not allowed".into(),
+            Refusal::CtxExceeded { asked, limit } => {
+                format!("num_ctx {asked} exceeds limit of {limit}")
+            }
+            Refusal::PredictExceeded { asked, limit } => {
+                format!("num_predict {asked} exceeds limit of {limit}")
+            }
+            Refusal::PromptRejected { .. } => "prompt rejected".into(),
+        }
+    }
+
+    /// The complete JSON body, newline-terminated like every butler error.
+    pub fn body(&self) -> String {
+        serde_json::json!({ "error": self.message() }).to_string() + "\n"
+    }
+
+    /// The `reason` label of `butler_requests_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::EndpointNotAllowed => "endpoint_not_allowed",
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::TooLarge | Refusal::BodyTooLarge => "too_large",
+            Refusal::BadRequest(_) => "bad_request",
+            Refusal::ModelDenied => "model_denied",
+            Refusal::CtxExceeded { .. } => "num_ctx_exceeded",
+            Refusal::PredictExceeded { .. } => "num_predict_exceeded",
+            Refusal::PromptRejected { .. } => "prompt_rejected",
+        }
+    }
+}
+
+/// An inspected request that may go ahead.
+#[derive(Debug)]
+pub struct Verdict {
+    /// The models it names, normalised (the first is the one it runs).
+    pub models: Vec<ModelName>,
+    /// A rewritten body (an injected `max_predict`), else the original
+    /// bytes are forwarded untouched.
+    pub body: Option<Vec<u8>>,
+}
+
+impl Policy {
+    /// Whether the subject may use `model`.
+    pub fn permits(&self, model: &ModelName) -> bool {
+        self.models.permits(model)
+    }
+
+    /// Judges an inspected body in SPEC §7.5's order: model ACL, caps,
+    /// prompt patterns. Caps and patterns apply to inference routes; patterns
+    /// also to `/api/create`, whose system prompt and template become prompts.
+    pub fn judge(&self, req: &Request) -> Result<Verdict, Refusal> {
+        let mut models = Vec::with_capacity(req.models.len());
+        for raw in &req.models {
+            let name = ModelName::parse(raw).map_err(|e| Refusal::BadRequest(e.into()))?;
+            if !self.permits(&name) {
+                return Err(Refusal::ModelDenied);
+            }
+            models.push(name);
+        }
+        let inference = req.kind.is_inference();
+        let mut body = None;
+        if inference {
+            if let (Some(asked), Some(limit)) = (req.num_ctx, self.max_ctx) {
+                if asked.as_f64() > limit as f64 {
+                    return Err(Refusal::CtxExceeded { asked, limit });
+                }
+            }
+            if let Some(limit) = self.max_predict {
+                match req.predict {
+                    Some(Limit::Unbounded(asked)) => {
+                        return Err(Refusal::PredictExceeded { asked, limit });
+                    }
+                    Some(Limit::Value(asked)) if asked.as_f64() > limit as f64 => {
+                        return Err(Refusal::PredictExceeded { asked, limit });
+                    }
+                    _ => {}
+                }
+                if !req.predict_effective {
+                    // The client asked for no limit Ollama honours on this
+                    // route: write one where Ollama reads it. A limit it set
+                    // in another field is kept if it is a whole number.
+                    let value = match req.predict {
+                        Some(Limit::Value(Num::U(n))) => n,
+                        _ => limit,
+                    };
+                    body = inspect::inject_predict(req.kind, &req.body, value);
+                }
+            }
+        }
+        if inference || req.kind == inspect::Kind::Create {
+            if let Some(pattern) = self.prompts.first_match(&req.texts) {
+                return Err(Refusal::PromptRejected { pattern: pattern.to_owned() });
+            }
+        }
+        Ok(Verdict { models, body })
+    }
+
+    /// Filters a listing body to the models the subject may use. `None` when
+    /// the upstream's body is not the JSON listing it should be.
+    pub fn filter_listing(&self, kind: Listing, body: &[u8]) -> Option<Vec<u8>> {
+        let Json::Object(mut entries) = inspect::parse_object(body).ok()? else { return None };
+        let (list_key, name_keys): (&str, &[&str]) = match kind {
+            Listing::Ollama => ("models", &["name", "model"]),
+            Listing::OpenAi => ("data", &["id"]),
+        };
+        for (key, value) in entries.iter_mut() {
+            if key != list_key {
+                continue;
+            }
+            match value {
+                Json::Array(items) => items.retain(|item| {
+                    // Every name an entry carries must be permitted; an entry
+                    // without a readable name is dropped.
+                    let names: Vec<&str> =
+                        name_keys.iter().filter_map(|k| item.exact(k)?.as_str()).collect();
+                    !names.is_empty()
+                        && names.iter().all(|n| ModelName::parse(n).is_ok_and(|m| self.permits(&m)))
+                }),
+                Json::Null => {}
+                _ => return None,
+            }
+        }
+        Some(Json::Object(entries).to_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inspect::{Kind, inspect};
+    use model::Pattern;
+
+    fn policy(allow: &[&str], deny: &[&str]) -> Policy {
+        let p = |list: &[&str]| list.iter().map(|s| Pattern::parse(s).unwrap()).collect();
+        Policy { models: ModelAcl::new(p(allow), p(deny)), ..Policy::default() }
+    }
+
+    fn judge(p: &Policy, kind: Kind, body: &str) -> Result<Verdict, Refusal> {
+        p.judge(&inspect(kind, body.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn every_named_model_is_checked() {
+        let p = policy(&["llama3.2", "ok"], &["llama3.3"]);
+        let generate = Kind::OllamaGenerate;
+        assert!(judge(&p, generate, r#"{"model":"llama3.2:1b"}"#).is_ok());
+        for body in [
+            r#"{"model":"library/llama3.3"}"#,
+            r#"{"model":"registry.ollama.ai/library/llama3.3:70b"}"#,
+            r#"{"model":"LLAMA3.3:70B"}"#,
+            r#"{"model":"qwen"}"#,
+        ] {
+            assert_eq!(judge(&p, generate, body).unwrap_err(), Refusal::ModelDenied, "{body}");
+        }
+        assert_eq!(
+            judge(&p, Kind::Copy, r#"{"source":"llama3.3","destination":"ok"}"#).unwrap_err(),
+            Refusal::ModelDenied
+        );
+        assert_eq!(
+            judge(&p, Kind::Create, r#"{"model":"ok","from":"llama3.3"}"#).unwrap_err(),
+            Refusal::ModelDenied
+        );
+        assert!(matches!(
+            judge(&p, generate, r#"{"model":"a b"}"#).unwrap_err(),
+            Refusal::BadRequest(_)
+        ));
+    }
+
+    #[test]
+    fn caps_and_injection() {
+        let p = Policy { max_ctx: Some(4096), max_predict: Some(512), ..policy(&["*"], &[]) };
+        let generate = Kind::OllamaGenerate;
+        let e = judge(&p, generate, r#"{"model":"m","num_ctx":1,"options":{"num_ctx":8192}}"#);
+        assert_eq!(e.unwrap_err().message(), "num_ctx 8192 exceeds limit of 4096");
+        let e = judge(&p, Kind::OpenAiGenerate, r#"{"model":"m","max_tokens":1024}"#);
+        assert_eq!(e.unwrap_err().message(), "num_predict 1024 exceeds limit of 512");
+        let e = judge(&p, generate, r#"{"model":"m","options":{"num_predict":-1}}"#).unwrap_err();
+        assert_eq!(e.message(), "num_predict -1 exceeds limit of 512");
+        assert_eq!(e.reason(), "num_predict_exceeded");
+        let v = judge(&p, generate, r#"{"model":"m","options":{"num_predict":100}}"#).unwrap();
+        assert!(v.body.is_none(), "an effective limit under the cap forwards the original");
+        let v = judge(&p, generate, r#"{"model":"m"}"#).unwrap();
+        assert_eq!(v.body.unwrap(), br#"{"model":"m","options":{"num_predict":512}}"#);
+        let v = judge(&p, generate, r#"{"model":"m","max_tokens":100}"#).unwrap();
+        assert_eq!(
+            v.body.unwrap(),
+            br#"{"model":"m","max_tokens":100,"options":{"num_predict":100}}"#
+        );
+        let v = judge(&p, Kind::OpenAiEmbed, r#"{"model":"m","input":"x"}"#).unwrap();
+        assert!(v.body.is_none());
+    }
+
+    #[test]
+    fn prompt_patterns() {
+        let p = Policy {
+            prompts: PromptFilter::new(vec!["(?i)secret plan".into(), "x{2}".into()]).unwrap(),
+            ..policy(&["*"], &[])
+        };
+        let e = judge(
+            &p,
+            Kind::OpenAiGenerate,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"The SECRET plan"}]}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e, Refusal::PromptRejected { pattern: "(?i)secret plan".into() });
+        assert_eq!(e.body(), "{\"error\":\"prompt rejected\"}\n");
+        assert!(judge(&p, Kind::OllamaGenerate, r#"{"model":"xx","prompt":"hi"}"#).is_ok());
+        assert!(judge(&p, Kind::ModelOnly, r#"{"model":"m","insecure":"xx"}"#).is_ok());
+        assert!(PromptFilter::new(vec!["(".into()]).is_err());
+        assert!(PromptFilter::new(vec!["a{100000}".into()]).is_err());
+    }
+
+    #[test]
+    fn listings_are_filtered() {
+        let p = policy(&["llama3.2"], &[]);
+        let tags = br#"{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest","size":1},{"name":"qwen:7b","model":"qwen:7b"},{"size":3}]}"#;
+        let out = p.filter_listing(Listing::Ollama, tags).unwrap();
+        assert_eq!(
+            out,
+            br#"{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest","size":1}]}"#
+        );
+        let v1 =
+            br#"{"object":"list","data":[{"id":"qwen:7b"},{"id":"llama3.2:1b","object":"model"}]}"#;
+        let out = p.filter_listing(Listing::OpenAi, v1).unwrap();
+        assert_eq!(out, br#"{"object":"list","data":[{"id":"llama3.2:1b","object":"model"}]}"#);
+        assert!(p.filter_listing(Listing::Ollama, b"not json").is_none());
+        assert!(p.filter_listing(Listing::Ollama, br#"{"models":{}}"#).is_none());
+    }
+}

@@ -590,6 +590,32 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let c = parse(include_str!("../../butler.example.yaml")).unwrap();
+        assert_eq!(c.clients.len(), 3);
+        assert!(c.clients[0].policy.allow_manage);
+        assert_eq!(c.clients[2].policy.rate_limit.map(|r| r.count), Some(120));
+    }
+
+    #[test]
+    fn policy_fields_are_validated_with_paths() {
+        let errs = parse(
+            "upstream: http://h:1\nglobal_rate_limit: 5/week\nclients:\n  - name: a\n    key: k\n    \
+             allow_models: [\"a//b\", 7]\n    deny_prompt_patterns: [\"(\"]\n    rate_limit: 0/s\n    \
+             max_ctx: -1\n",
+        )
+        .unwrap_err();
+        let has = |prefix: &str| errs.iter().any(|e| e.starts_with(prefix));
+        assert!(has("global_rate_limit: invalid rate"), "{errs:?}");
+        assert!(has("clients[0].allow_models[0]: invalid model pattern"), "{errs:?}");
+        assert!(has("clients[0].allow_models[1]: expected a string"), "{errs:?}");
+        assert!(has("clients[0].deny_prompt_patterns[0]: invalid pattern"), "{errs:?}");
+        assert!(has("clients[0].rate_limit: invalid rate"), "{errs:?}");
+        assert!(has("clients[0].max_ctx: expected a non-negative integer"), "{errs:?}");
+        assert_eq!(errs.len(), 6, "{errs:?}");
+    }
+
+    #[test]
     fn env_overrides() {
         let mut c = parse("upstream: http://h:1\nclients:\n  - {name: a, key: k}\n").unwrap();
         let env = |n: &str| match n {

@@ -310,7 +310,8 @@ impl Service for App {
                     plan.upload,
                     filter.as_ref().map(|f| f as &dyn Fn(&[u8]) -> Option<Vec<u8>>),
                 );
-                if outcome.status == 413 {
+                // A streamed upload cut at max_request_bytes (SPEC §7.3).
+                if outcome.error == Some("request too large") {
                     self.metrics.rejected(client, "too_large");
                 }
                 (outcome, plan.model, plan.prompt_sha256)

@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use crate::auth::{Identity, KeyStore};
+use crate::auth::password::{self, LoginError};
+use crate::auth::{Authenticator, Identity, SubjectKind};
 use crate::config::Config;
 use crate::health::Health;
 use crate::http::exchange::BodyError;
@@ -30,7 +31,7 @@ use crate::routes::{self, Class, Listing, Public};
 
 pub struct App {
     metrics_token: Option<String>,
-    keys: KeyStore,
+    auth: Authenticator,
     proxy: Proxy,
     health: Health,
     metrics: Metrics,
@@ -40,20 +41,24 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: &Config) -> std::io::Result<App> {
+    /// Builds the pipeline; with OIDC this contacts the identity provider.
+    pub fn new(config: &Config) -> Result<App, String> {
         Ok(App {
             metrics_token: config.metrics_token.clone(),
-            keys: KeyStore::new(&config.clients),
+            auth: Authenticator::new(config)?,
             proxy: Proxy::new(config.upstream.clone(), &config.timeouts),
             health: Health::new(&config.upstream),
             metrics: Metrics::new(),
-            ids: RequestIds::new()?,
+            ids: RequestIds::new().map_err(|e| format!("no randomness: {e}"))?,
             limiter: RateLimiter::new(config.global_rate_limit),
             log_prompts: config.log_prompts,
         })
     }
 
     fn public(&self, ex: &mut Exchange<'_>, route: Public) -> u16 {
+        if route == Public::Login {
+            return self.login(ex);
+        }
         if ex.head.method != "GET" && ex.head.method != "HEAD" {
             let _ = ex.respond(
                 405,
@@ -80,6 +85,7 @@ impl App {
                 let _ = ex.respond_json(200, "{\"status\":\"ready\"}\n");
                 200
             }
+            Public::Login => unreachable!("answered above"),
             Public::Metrics => {
                 if let Some(token) = &self.metrics_token {
                     let presented = ex
@@ -109,6 +115,90 @@ impl App {
         }
     }
 }
+
+impl App {
+    /// `POST /auth/login` (SPEC §5): a username and password for a
+    /// standalone JWT. Unknown users and wrong passwords get the same answer
+    /// after the same bcrypt work.
+    fn login(&self, ex: &mut Exchange<'_>) -> u16 {
+        if !self.auth.has_users() {
+            let _ = ex.respond_json(404, "{\"error\":\"not found\"}\n");
+            return 404;
+        }
+        if ex.head.method != "POST" {
+            let _ = ex.respond(
+                405,
+                &[("Content-Type", b"application/json"), ("Allow", b"POST")],
+                b"{\"error\":\"method not allowed\"}\n",
+            );
+            return 405;
+        }
+        let body = match ex.read_body_limited(MAX_LOGIN_BODY) {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                self.metrics.rejected("", "too_large");
+                let _ = ex.respond_json(413, "{\"error\":\"request body too large\"}\n");
+                return 413;
+            }
+            Err(_) => {
+                return match body_failed(ex) {
+                    Stop::Answered(status, _) => status,
+                    Stop::Refused(r) => {
+                        let _ = ex.respond_json(r.status(), &r.body());
+                        r.status()
+                    }
+                };
+            }
+        };
+        let (user, password) = match password::parse_login(&body) {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.metrics.rejected("", "bad_request");
+                let body = match e {
+                    LoginError::BadRequest => "{\"error\":\"bad request\"}\n",
+                    LoginError::Missing => "{\"error\":\"username and password are required\"}\n",
+                };
+                let _ = ex.respond_json(400, body);
+                return 400;
+            }
+        };
+        let remote = ex.peer().ip();
+        if let Err(limited) = self.auth.attempt(&user, remote, Instant::now()) {
+            log::warn!(user = user.as_str(), remote = remote.to_string().as_str(),
+                status = 429u16, reason = "rate_limited"; "login refused");
+            self.metrics.rejected("", "rate_limited");
+            let retry = limited.retry_after_secs().to_string();
+            let _ = ex.respond(
+                429,
+                &[("Content-Type", b"application/json"), ("Retry-After", retry.as_bytes())],
+                b"{\"error\":\"rate limit exceeded\"}\n",
+            );
+            return 429;
+        }
+        match self.auth.login(&user, &password) {
+            Some(token) => {
+                log::info!(user = user.as_str(), remote = remote.to_string().as_str(); "login");
+                let body = serde_json::json!({ "token": token }).to_string() + "\n";
+                let _ = ex.respond(
+                    200,
+                    &[("Content-Type", b"application/json"), ("Cache-Control", b"no-store")],
+                    body.as_bytes(),
+                );
+                200
+            }
+            None => {
+                log::warn!(user = user.as_str(), remote = remote.to_string().as_str(),
+                    status = 401u16, reason = "unauthorized"; "login failed");
+                self.metrics.rejected("", "unauthorized");
+                let _ = ex.respond_json(401, "{\"error\":\"invalid credentials\"}\n");
+                401
+            }
+        }
+    }
+}
+
+/// Largest `/auth/login` body (SPEC §5).
+const MAX_LOGIN_BODY: usize = 4096;
 
 fn unauthorized(ex: &mut Exchange<'_>) {
     let _ = ex.respond(
@@ -152,7 +242,7 @@ impl App {
         class: &Class,
         id: &str,
     ) -> Result<Plan, Stop> {
-        let policy = &*identity.policy;
+        let policy = &*identity.grant;
         if *class == Class::Butler {
             let _ = ex.respond_json(404, "{\"error\":\"not found\"}\n");
             return Err(Stop::Answered(404, "not found"));
@@ -161,7 +251,7 @@ impl App {
             return Err(Refusal::EndpointNotAllowed.into());
         }
         self.limiter
-            .check(&identity.client, policy.rate_limit, Instant::now())
+            .check(&identity.key, policy.rate_limit, Instant::now())
             .map_err(|l| Refusal::RateLimited { retry_after_secs: l.retry_after_secs() })?;
 
         let declared = match ex.head.framing {
@@ -188,7 +278,7 @@ impl App {
                 }
                 plan.model = Some(name.short().to_owned());
             }
-            Class::Listing(kind) if !policy.models.permits_all() => plan.listing = Some(*kind),
+            Class::Listing(kind) if !policy.permits_all() => plan.listing = Some(*kind),
             _ => {}
         }
         let Some(kind) = inspected else {
@@ -228,7 +318,7 @@ impl App {
                     "prompts",
                     &[
                         ("request_id", Value::from(id)),
-                        ("client", Value::from(identity.client.as_str())),
+                        (subject_field(identity), Value::from(identity.name.as_str())),
                         ("prompts", Value::from(prompts.as_str())),
                     ],
                 );
@@ -236,6 +326,15 @@ impl App {
         }
         plan.upload = Upload::Bytes(verdict.body.unwrap_or(body));
         Ok(plan)
+    }
+}
+
+/// The log field naming the subject: `client` for API keys, `user` for
+/// users and OIDC subjects (SPEC §10).
+fn subject_field(identity: &Identity) -> &'static str {
+    match identity.kind {
+        SubjectKind::Client => "client",
+        SubjectKind::User | SubjectKind::Oidc => "user",
     }
 }
 
@@ -275,7 +374,7 @@ impl Service for App {
 
         let remote = ex.peer().ip().to_string();
         let method = ex.head.method.clone();
-        let identity = match self.keys.authenticate(&ex.head) {
+        let identity = match self.auth.authenticate(&ex.head, ex.peer().ip()) {
             Ok(identity) => identity,
             Err(failure) => {
                 log::warn!(
@@ -290,18 +389,25 @@ impl Service for App {
                 return;
             }
         };
-        let client = identity.client.as_str();
+        let client = identity.name.as_str();
+        let subject = subject_field(&identity);
         let _in_flight = self.metrics.in_flight();
-        log::info!(
-            request_id = id.as_str(), client = client, method = method.as_str(),
-            path = path.as_str(), remote = remote.as_str();
-            "request"
+        logging::emit(
+            Level::Info,
+            "request",
+            &[
+                ("request_id", Value::from(id.as_str())),
+                (subject, Value::from(client)),
+                ("method", Value::from(method.as_str())),
+                ("path", Value::from(path.as_str())),
+                ("remote", Value::from(remote.as_str())),
+            ],
         );
 
         let class = routes::classify(&method, &path);
         let (outcome, model, prompt_sha256) = match self.admit(ex, &identity, &class, &id) {
             Ok(plan) => {
-                let policy = identity.policy.clone();
+                let policy = identity.grant.clone();
                 let filter =
                     plan.listing.map(|kind| move |body: &[u8]| policy.filter_listing(kind, body));
                 let outcome = self.proxy.forward(
@@ -320,7 +426,7 @@ impl Service for App {
                 let status = refusal.status();
                 let mut fields: Vec<(&str, Value)> = vec![
                     ("request_id", Value::from(id.as_str())),
-                    ("client", Value::from(client)),
+                    (subject, Value::from(client)),
                     ("method", Value::from(method.as_str())),
                     ("path", Value::from(path.as_str())),
                     ("remote", Value::from(remote.as_str())),
@@ -357,7 +463,7 @@ impl Service for App {
         let duration = start.elapsed();
         let ttfb_ms = ex.first_byte.map_or(0, |t| t.duration_since(start).as_millis() as u64);
         let mut fields: Vec<(&str, Value)> =
-            vec![("request_id", Value::from(id.as_str())), ("client", Value::from(client))];
+            vec![("request_id", Value::from(id.as_str())), (subject, Value::from(client))];
         if let Some(m) = &model {
             fields.push(("model", Value::from(m.as_str())));
         }

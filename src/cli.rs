@@ -135,10 +135,10 @@ fn check(path: &str) -> i32 {
             println!("{path}: OK");
             println!("  listen:    {}", c.listen);
             println!("  upstream:  {}{}", c.upstream.origin, c.upstream.base_path);
-            println!("  auth mode: api_key");
+            println!("  auth mode: {}", c.auth.mode.as_str());
             println!("  clients:   {}", c.clients.len());
-            println!("  users:     0");
-            println!("  roles:     0");
+            println!("  users:     {}", c.users.len());
+            println!("  roles:     {}", c.role_policies.len());
             0
         }
         Err(errors) => {

@@ -10,6 +10,8 @@ pub enum Public {
     Healthz,
     Readyz,
     Metrics,
+    /// `POST /auth/login`: a password for a standalone JWT.
+    Login,
 }
 
 pub fn public(path: &str) -> Option<Public> {
@@ -17,6 +19,7 @@ pub fn public(path: &str) -> Option<Public> {
         "/healthz" => Some(Public::Healthz),
         "/readyz" => Some(Public::Readyz),
         "/metrics" => Some(Public::Metrics),
+        "/auth/login" => Some(Public::Login),
         _ => None,
     }
 }
@@ -81,8 +84,8 @@ pub enum Class {
     Listing(Listing),
     /// `GET`/`HEAD` `/` and `/api/version`: authentication is enough.
     Info,
-    /// Routes butler will answer itself once they exist (`/auth/login`,
-    /// `/butler/usage`); never forwarded.
+    /// Routes butler will answer itself once they exist (`/butler/usage`);
+    /// never forwarded.
     Butler,
     /// Needs `allow_manage`; `Some` when the body names models.
     Management(Option<Kind>),
@@ -132,7 +135,7 @@ pub fn classify(method: &str, path: &str) -> Class {
         "/api/tags" | "/api/ps" if read => Class::Listing(Listing::Ollama),
         "/v1/models" if read => Class::Listing(Listing::OpenAi),
         "/" | "/api/version" if read => Class::Info,
-        "/auth/login" | "/butler/usage" => Class::Butler,
+        "/butler/usage" => Class::Butler,
         _ if one_segment_after(path, "/api/blobs/") => Class::Management(None),
         _ if read && one_segment_after(path, "/v1/models/") => {
             Class::ModelInfoPath(path["/v1/models/".len()..].to_owned())

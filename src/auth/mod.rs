@@ -1,24 +1,50 @@
-//! Authentication (SPEC §5). This module only answers "who is this?"; what
-//! the caller may do is decided elsewhere.
+//! Authentication (SPEC §5). This module only answers "who is this, and
+//! which policy applies?"; what the caller may do is decided by
+//! [`crate::policy`].
 
+pub mod jwt;
 pub mod keys;
+pub mod oidc;
+pub mod password;
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use base64::Engine;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use crate::config::{Client, sha256};
+use crate::config::{AuthMode, Client, Config, sha256};
 use crate::http::Head;
-use crate::policy::Policy;
+use crate::limits::RateLimiter;
+use crate::policy::{Grant, Policy};
+use jwt::JwtIssuer;
+use oidc::Oidc;
+use password::Passwords;
 
 /// Who a request was authenticated as.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    /// The client's configured name (logs, metrics, rate-limit key).
-    pub client: String,
+    /// The subject's name: the client's, the user's, or the OIDC
+    /// `preferred_username` (else `sub`). The `client` metrics label.
+    pub name: String,
+    pub kind: SubjectKind,
+    /// Rate-limit state is keyed by this: kinds never share quota, and OIDC
+    /// subjects are keyed by issuer and `sub`, not by a display name.
+    pub key: String,
     /// What it may do.
-    pub policy: Arc<Policy>,
+    pub grant: Arc<Grant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectKind {
+    /// An API-key client (`client` in logs).
+    Client,
+    /// A configured user (standalone JWT or Basic auth; `user` in logs).
+    User,
+    /// An OIDC subject (`user` in logs).
+    Oidc,
 }
 
 /// Why authentication failed. All of them answer the same 401; the reason is
@@ -28,6 +54,10 @@ pub enum Failure {
     Missing,
     Malformed,
     Invalid,
+    /// A valid OIDC token whose roles match no role policy.
+    NoRole,
+    /// Too many password checks for this user or address (Basic auth).
+    Throttled,
 }
 
 impl Failure {
@@ -36,13 +66,212 @@ impl Failure {
             Failure::Missing => "missing credentials",
             Failure::Malformed => "malformed credentials",
             Failure::Invalid => "invalid credentials",
+            Failure::NoRole => "no role policy matches",
+            Failure::Throttled => "too many password attempts",
         }
+    }
+}
+
+/// One credential as presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Credential {
+    Bearer(String),
+    /// `x-api-key` (Anthropic clients): only ever an API key.
+    ApiKey(String),
+    Basic {
+        user: String,
+        password: String,
+    },
+}
+
+/// Every credential source of SPEC §5, tried in the order `either` mode
+/// prescribes: API key, then standalone JWT (and users' passwords), then
+/// OIDC. Sources the mode does not use are never consulted.
+pub struct Authenticator {
+    mode: AuthMode,
+    keys: KeyStore,
+    users: HashMap<String, Arc<Grant>>,
+    passwords: Passwords,
+    jwt: Option<JwtIssuer>,
+    oidc: Option<Arc<Oidc>>,
+    roles: Vec<(String, Arc<Policy>)>,
+    /// Password checks (logins and Basic auth) per user name and per address.
+    attempts: RateLimiter,
+    attempt_rate: Option<crate::limits::Rate>,
+}
+
+impl Authenticator {
+    /// Builds every source the configuration uses. With OIDC this contacts
+    /// the identity provider, and fails if it cannot (fail closed).
+    pub fn new(config: &Config) -> Result<Authenticator, String> {
+        let mode = config.auth.mode;
+        let users_used = mode.uses_users() && !config.users.is_empty();
+        let oidc = match (&config.auth.oidc, mode.uses_oidc()) {
+            (Some(settings), true) => Some(Oidc::start(settings.clone())?),
+            _ => None,
+        };
+        let jwt = match (&config.auth.jwt_secret, users_used) {
+            (Some(secret), true) => Some(JwtIssuer::new(secret, config.auth.token_expiry)),
+            _ => None,
+        };
+        let pairs: Vec<(String, String)> = if users_used {
+            config.users.iter().map(|u| (u.name.clone(), u.password_hash.clone())).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Authenticator {
+            mode,
+            keys: KeyStore::new(if mode.uses_keys() { &config.clients } else { &[] }),
+            users: config
+                .users
+                .iter()
+                .filter(|_| users_used)
+                .map(|u| (u.name.clone(), Arc::new(Grant::single(u.policy.clone()))))
+                .collect(),
+            passwords: Passwords::new(&pairs),
+            jwt,
+            oidc,
+            roles: config.role_policies.clone(),
+            attempts: RateLimiter::new(None),
+            attempt_rate: config.auth.login_rate_limit,
+        })
+    }
+
+    /// Whether `/auth/login` exists (users are configured and used).
+    pub fn has_users(&self) -> bool {
+        self.jwt.is_some()
+    }
+
+    /// Authenticates a request from its headers. Every credential presented
+    /// must identify the same subject.
+    pub fn authenticate(&self, head: &Head, peer: IpAddr) -> Result<Identity, Failure> {
+        let creds = credentials(head)?;
+        let mut found: Option<Identity> = None;
+        for cred in &creds {
+            let identity = self.resolve(cred, peer)?;
+            match &found {
+                Some(f) if f.key != identity.key => return Err(Failure::Invalid),
+                Some(_) => {}
+                None => found = Some(identity),
+            }
+        }
+        found.ok_or(Failure::Missing)
+    }
+
+    fn resolve(&self, cred: &Credential, peer: IpAddr) -> Result<Identity, Failure> {
+        match cred {
+            Credential::ApiKey(key) => self.client(key).ok_or(Failure::Invalid),
+            Credential::Basic { user, password } => {
+                if let Some(identity) = self.client(password) {
+                    return Ok(identity);
+                }
+                if self.jwt.is_none() {
+                    return Err(Failure::Invalid);
+                }
+                self.password_user(user, password, peer)
+            }
+            Credential::Bearer(token) => {
+                if let Some(identity) = self.client(token) {
+                    return Ok(identity);
+                }
+                if !oidc::looks_like_jwt(token) {
+                    return Err(Failure::Invalid);
+                }
+                if let Some(jwt) = &self.jwt {
+                    if let Ok(user) = jwt.verify(token, SystemTime::now()) {
+                        // A token outlives nothing: the user must still exist.
+                        return self.user(&user).ok_or(Failure::Invalid);
+                    }
+                }
+                match &self.oidc {
+                    Some(oidc) => self.oidc_subject(oidc, token),
+                    None => Err(Failure::Invalid),
+                }
+            }
+        }
+    }
+
+    fn client(&self, key: &str) -> Option<Identity> {
+        let (name, grant) = self.keys.lookup(key)?;
+        Some(Identity {
+            name: name.to_owned(),
+            kind: SubjectKind::Client,
+            key: format!("client:{name}"),
+            grant: grant.clone(),
+        })
+    }
+
+    fn user(&self, name: &str) -> Option<Identity> {
+        let grant = self.users.get(name)?;
+        Some(Identity {
+            name: name.to_owned(),
+            kind: SubjectKind::User,
+            key: format!("user:{name}"),
+            grant: grant.clone(),
+        })
+    }
+
+    /// Basic auth for a user: bcrypt once, then the short-lived success
+    /// cache. Checks that miss the cache count against `login_rate_limit`
+    /// per user name and per address, so bad passwords cannot burn CPU.
+    fn password_user(&self, user: &str, password: &str, peer: IpAddr) -> Result<Identity, Failure> {
+        let now = Instant::now();
+        if !self.passwords.is_cached(user, password, now) {
+            self.attempt(user, peer, now).map_err(|_| Failure::Throttled)?;
+        }
+        if self.passwords.verify_cached(user, password, now) {
+            self.user(user).ok_or(Failure::Invalid)
+        } else {
+            Err(Failure::Invalid)
+        }
+    }
+
+    /// Counts one password check against the per-address and per-user
+    /// limits (the address first, so a guessed name costs nothing more).
+    pub fn attempt(
+        &self,
+        user: &str,
+        peer: IpAddr,
+        now: Instant,
+    ) -> Result<(), crate::limits::Limited> {
+        self.attempts.check(&format!("ip:{peer}"), self.attempt_rate, now)?;
+        self.attempts.check(&format!("user:{user}"), self.attempt_rate, now)
+    }
+
+    /// Verifies a login; returns a fresh token. Unknown users pay bcrypt too.
+    pub fn login(&self, user: &str, password: &str) -> Option<String> {
+        let jwt = self.jwt.as_ref()?;
+        (self.passwords.verify(user, password) && self.users.contains_key(user))
+            .then(|| jwt.issue(user, SystemTime::now()))
+    }
+
+    fn oidc_subject(&self, oidc: &Oidc, token: &str) -> Result<Identity, Failure> {
+        let subject = oidc.verify(token).map_err(|_| Failure::Invalid)?;
+        let mut parts: Vec<Arc<Policy>> = Vec::new();
+        for (role, policy) in &self.roles {
+            if subject.roles.iter().any(|r| r == role) {
+                parts.push(policy.clone());
+            }
+        }
+        if parts.is_empty() {
+            return Err(Failure::NoRole);
+        }
+        Ok(Identity {
+            name: subject.name,
+            kind: SubjectKind::Oidc,
+            key: format!("oidc:{}\n{}", subject.issuer, subject.sub),
+            grant: Arc::new(Grant::merge(parts)),
+        })
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
     }
 }
 
 /// API-key clients, held as SHA-256 digests of their keys.
 pub struct KeyStore {
-    clients: Vec<(String, [u8; 32], Arc<Policy>)>,
+    clients: Vec<(String, [u8; 32], Arc<Grant>)>,
 }
 
 impl KeyStore {
@@ -50,14 +279,20 @@ impl KeyStore {
         KeyStore {
             clients: clients
                 .iter()
-                .map(|c| (c.name.clone(), c.key_sha256, c.policy.clone()))
+                .map(|c| (c.name.clone(), c.key_sha256, Arc::new(Grant::single(c.policy.clone()))))
                 .collect(),
         }
     }
 
-    /// Finds the client whose key digest equals the digest of `key`. Every
-    /// stored digest is compared, in constant time, whatever matches.
-    fn lookup(&self, key: &str) -> Option<usize> {
+    /// The client whose key digest equals the digest of `key`. Every stored
+    /// digest is compared, in constant time, whatever matches.
+    fn lookup(&self, key: &str) -> Option<(&str, &Arc<Grant>)> {
+        let i = self.index(key)?;
+        let (name, _, grant) = &self.clients[i];
+        Some((name, grant))
+    }
+
+    fn index(&self, key: &str) -> Option<usize> {
         let digest = sha256(key.as_bytes());
         let mut index = 0u64;
         let mut found = subtle::Choice::from(0);
@@ -68,67 +303,60 @@ impl KeyStore {
         }
         bool::from(found).then_some(index as usize)
     }
-
-    /// Authenticates a request from its headers.
-    pub fn authenticate(&self, head: &Head) -> Result<Identity, Failure> {
-        let keys = presented_keys(head)?;
-        let mut matched: Option<usize> = None;
-        for key in &keys {
-            match (self.lookup(key), matched) {
-                (None, _) => return Err(Failure::Invalid),
-                // Two different valid keys in one request: refuse the ambiguity.
-                (Some(i), Some(j)) if i != j => return Err(Failure::Invalid),
-                (Some(i), _) => matched = Some(i),
-            }
-        }
-        let i = matched.ok_or(Failure::Missing)?;
-        let (name, _, policy) = &self.clients[i];
-        Ok(Identity { client: name.clone(), policy: policy.clone() })
-    }
 }
 
-/// The keys a request presents: `Authorization: Bearer`, `Authorization:
-/// Basic` (the password is the key) and `x-api-key`. A repeated header is
-/// malformed, not "first one wins". Keys in the query string never count.
-fn presented_keys(head: &Head) -> Result<Vec<String>, Failure> {
+/// The credentials a request presents: `Authorization: Bearer`,
+/// `Authorization: Basic` and `x-api-key`. A repeated header is malformed,
+/// not "first one wins". Keys in the query string never count.
+fn credentials(head: &Head) -> Result<Vec<Credential>, Failure> {
     if head.header_count("authorization") > 1 || head.header_count("x-api-key") > 1 {
         return Err(Failure::Malformed);
     }
-    let mut keys = Vec::new();
+    let mut creds = Vec::new();
     if head.header_count("authorization") == 1 {
         let value = head.header("authorization").ok_or(Failure::Malformed)?;
-        keys.push(authorization_key(value)?);
+        creds.push(authorization(value)?);
     }
     if head.header_count("x-api-key") == 1 {
         let value = head.header("x-api-key").ok_or(Failure::Malformed)?.trim();
         if value.is_empty() {
             return Err(Failure::Malformed);
         }
-        keys.push(value.to_owned());
+        creds.push(Credential::ApiKey(value.to_owned()));
     }
-    if keys.is_empty() { Err(Failure::Missing) } else { Ok(keys) }
+    if creds.is_empty() { Err(Failure::Missing) } else { Ok(creds) }
+}
+
+/// The secret of an `Authorization` value: the bearer token, or the Basic
+/// password (used for the metrics token).
+pub fn authorization_key(value: &str) -> Result<String, Failure> {
+    match authorization(value)? {
+        Credential::Bearer(t) => Ok(t),
+        Credential::Basic { password, .. } => Ok(password),
+        Credential::ApiKey(k) => Ok(k),
+    }
 }
 
 /// Parses `Bearer <token>` (scheme case-insensitive; the token is the rest
-/// after one space, trimmed) or `Basic base64(user:key)`.
-pub fn authorization_key(value: &str) -> Result<String, Failure> {
+/// after one space, trimmed) or `Basic base64(user:password)`.
+fn authorization(value: &str) -> Result<Credential, Failure> {
     let (scheme, rest) = value.split_once(' ').ok_or(Failure::Malformed)?;
     let token = rest.trim();
     if token.is_empty() {
         return Err(Failure::Malformed);
     }
     if scheme.eq_ignore_ascii_case("bearer") {
-        Ok(token.to_owned())
+        Ok(Credential::Bearer(token.to_owned()))
     } else if scheme.eq_ignore_ascii_case("basic") {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(token)
             .map_err(|_| Failure::Malformed)?;
         let decoded = String::from_utf8(decoded).map_err(|_| Failure::Malformed)?;
-        let (_, password) = decoded.split_once(':').ok_or(Failure::Malformed)?;
+        let (user, password) = decoded.split_once(':').ok_or(Failure::Malformed)?;
         if password.is_empty() {
             return Err(Failure::Malformed);
         }
-        Ok(password.to_owned())
+        Ok(Credential::Basic { user: user.to_owned(), password: password.to_owned() })
     } else {
         Err(Failure::Malformed)
     }
@@ -155,7 +383,19 @@ mod tests {
     }
 
     fn who(headers: &str) -> Result<String, Failure> {
-        store().authenticate(&head(headers)).map(|i| i.client)
+        let store = store();
+        let auth = Authenticator {
+            mode: AuthMode::ApiKey,
+            keys: store,
+            users: HashMap::new(),
+            passwords: Passwords::new(&[]),
+            jwt: None,
+            oidc: None,
+            roles: Vec::new(),
+            attempts: RateLimiter::new(None),
+            attempt_rate: None,
+        };
+        auth.authenticate(&head(headers), IpAddr::from([127, 0, 0, 1])).map(|i| i.name)
     }
 
     #[test]

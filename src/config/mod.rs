@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde_yaml::Value;
 use sha2::{Digest, Sha256};
 
+use crate::auth::oidc::OidcSettings;
+use crate::auth::password::check_hash;
 use crate::limits::Rate;
 use crate::policy::model::{ModelAcl, Pattern};
 use crate::policy::{Policy, PromptFilter};
@@ -36,7 +38,78 @@ pub struct Config {
     /// Requests per window across every subject.
     pub global_rate_limit: Option<Rate>,
     pub clients: Vec<Client>,
+    pub auth: Auth,
+    pub users: Vec<User>,
+    /// OIDC role name → policy, in file order.
+    pub role_policies: Vec<(String, Arc<Policy>)>,
 }
+
+/// Which credentials count (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthMode {
+    #[default]
+    ApiKey,
+    JwtStandalone,
+    Oidc,
+    /// API key, then standalone JWT (and users' Basic auth), then OIDC.
+    Either,
+}
+
+impl AuthMode {
+    pub fn uses_keys(self) -> bool {
+        matches!(self, AuthMode::ApiKey | AuthMode::Either)
+    }
+    pub fn uses_users(self) -> bool {
+        matches!(self, AuthMode::JwtStandalone | AuthMode::Either)
+    }
+    pub fn uses_oidc(self) -> bool {
+        matches!(self, AuthMode::Oidc | AuthMode::Either)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::ApiKey => "api_key",
+            AuthMode::JwtStandalone => "jwt_standalone",
+            AuthMode::Oidc => "oidc",
+            AuthMode::Either => "either",
+        }
+    }
+}
+
+/// The `auth` section.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub mode: AuthMode,
+    /// HS256 secret for standalone JWTs (≥ 32 bytes where JWTs are used).
+    pub jwt_secret: Option<Vec<u8>>,
+    pub token_expiry: Duration,
+    /// Per username and per client IP.
+    pub login_rate_limit: Option<Rate>,
+    pub oidc: Option<OidcSettings>,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            mode: AuthMode::ApiKey,
+            jwt_secret: None,
+            token_expiry: Duration::from_secs(24 * 3600),
+            login_rate_limit: Some(Rate { count: 10, window: Duration::from_secs(60) }),
+            oidc: None,
+        }
+    }
+}
+
+/// A user who logs in with a password (standalone JWT, Basic auth).
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    /// A bcrypt hash, cost at most 14.
+    pub password_hash: String,
+    pub policy: Arc<Policy>,
+}
+
+/// Least bytes in `auth.jwt_secret`.
+const MIN_JWT_SECRET: usize = 32;
 
 /// The Ollama server requests are forwarded to.
 #[derive(Debug, Clone, PartialEq)]
@@ -218,8 +291,52 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
             clients.push(c);
         }
     });
-    if clients.is_empty() && !errs.list.iter().any(|e| e.starts_with("clients")) {
+    let auth = match root.get("auth") {
+        Some(v) => read_auth(v, env, errs),
+        None => Auth::default(),
+    };
+    let mut users = Vec::new();
+    root.list("users", errs, |item, path, errs| {
+        if let Some(u) = read_user(item, &path, env, errs) {
+            users.push(u);
+        }
+    });
+    let mut role_policies = Vec::new();
+    if let Some(v) = root.get("role_policies") {
+        match v {
+            Value::Mapping(map) => {
+                for (name, policy) in map {
+                    let Some(name) = name.as_str() else {
+                        errs.push("role_policies", "role names must be strings");
+                        continue;
+                    };
+                    let path = format!("role_policies.{name}");
+                    let mut obj = Obj::new(policy, &path, errs);
+                    let p = read_policy(&mut obj, env, errs);
+                    obj.finish(errs);
+                    role_policies.push((name.to_owned(), Arc::new(p)));
+                }
+            }
+            _ => errs.push("role_policies", "expected a mapping of role name to policy"),
+        }
+    }
+    check_auth_mode(&auth, &clients, &users, &role_policies, errs);
+    let client_errors = errs.list.iter().any(|e| e.starts_with("clients"));
+    if auth.mode == AuthMode::ApiKey && clients.is_empty() && !client_errors {
         errs.push("clients", "at least one client is required in api_key mode");
+    }
+    if auth.mode == AuthMode::Either
+        && clients.is_empty()
+        && users.is_empty()
+        && auth.oidc.is_none()
+        && !client_errors
+    {
+        errs.push("auth.mode", "either mode needs clients, users or auth.oidc");
+    }
+    for (i, u) in users.iter().enumerate() {
+        if users[..i].iter().any(|o| o.name == u.name) {
+            errs.push("users", format!("duplicate user name \"{}\"", u.name));
+        }
     }
     for (i, c) in clients.iter().enumerate() {
         for other in &clients[..i] {
@@ -246,6 +363,9 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         metrics_token,
         global_rate_limit,
         clients,
+        auth,
+        users,
+        role_policies,
     }
 }
 
@@ -324,6 +444,169 @@ fn read_client(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option
         }
     };
     Some(Client { name: name?, key_sha256: key_sha256?, policy: Arc::new(policy) })
+}
+
+fn read_auth(value: &Value, env: Env, errs: &mut Errors) -> Auth {
+    let mut auth = Auth::default();
+    let mut obj = Obj::new(value, "auth", errs);
+    match obj.string("mode", env, errs).as_deref() {
+        None | Some("api_key") => {}
+        Some("jwt_standalone") => auth.mode = AuthMode::JwtStandalone,
+        Some("oidc") => auth.mode = AuthMode::Oidc,
+        Some("either") => auth.mode = AuthMode::Either,
+        Some(other) => errs.push(
+            "auth.mode",
+            format!("expected api_key, jwt_standalone, oidc or either, got {other:?}"),
+        ),
+    }
+    auth.jwt_secret = obj.string("jwt_secret", env, errs).map(String::into_bytes);
+    if let Some(s) = obj.string("token_expiry", env, errs) {
+        match parse_duration(&s) {
+            Ok(d) if !d.is_zero() => auth.token_expiry = d,
+            Ok(_) => errs.push("auth.token_expiry", "must be greater than zero"),
+            Err(e) => errs.push("auth.token_expiry", e),
+        }
+    }
+    if let Some(r) = obj.string("login_rate_limit", env, errs) {
+        match Rate::parse(&r) {
+            Ok(rate) => auth.login_rate_limit = rate,
+            Err(e) => errs.push("auth.login_rate_limit", e),
+        }
+    }
+    if let Some(v) = obj.get("oidc") {
+        auth.oidc = read_oidc(v, env, errs);
+    }
+    obj.finish(errs);
+    auth
+}
+
+fn read_oidc(value: &Value, env: Env, errs: &mut Errors) -> Option<OidcSettings> {
+    let mut obj = Obj::new(value, "auth.oidc", errs);
+    let issuer = obj.string("issuer", env, errs);
+    let client_id = obj.string("client_id", env, errs);
+    let role_claim_path = obj.string("role_claim_path", env, errs);
+    let mut refresh_interval = Duration::from_secs(3600);
+    if let Some(s) = obj.string("refresh_interval", env, errs) {
+        match parse_duration(&s) {
+            Ok(d) if d >= Duration::from_secs(1) => refresh_interval = d,
+            Ok(_) => errs.push("auth.oidc.refresh_interval", "must be at least 1s"),
+            Err(e) => errs.push("auth.oidc.refresh_interval", e),
+        }
+    }
+    let ca_file = obj.string("ca_file", env, errs);
+    obj.finish(errs);
+    let mut ok = true;
+    match &issuer {
+        None => {
+            errs.push("auth.oidc.issuer", "required");
+            ok = false;
+        }
+        Some(i) if !i.to_ascii_lowercase().starts_with("https://") => {
+            errs.push("auth.oidc.issuer", format!("must be an https:// URL, got {i:?}"));
+            ok = false;
+        }
+        Some(_) => {}
+    }
+    for (field, value) in [("client_id", &client_id), ("role_claim_path", &role_claim_path)] {
+        if value.as_deref().is_none_or(|v| v.trim().is_empty()) {
+            errs.push(&format!("auth.oidc.{field}"), "required");
+            ok = false;
+        }
+    }
+    let ca_pem = match ca_file {
+        Some(path) => match std::fs::read(&path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                errs.push("auth.oidc.ca_file", format!("cannot read {path}: {e}"));
+                ok = false;
+                None
+            }
+        },
+        None => None,
+    };
+    ok.then(|| OidcSettings {
+        issuer: issuer.unwrap_or_default(),
+        client_id: client_id.unwrap_or_default(),
+        role_claim_path: role_claim_path.unwrap_or_default(),
+        refresh_interval,
+        ca_pem,
+    })
+}
+
+fn read_user(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option<User> {
+    let mut obj = Obj::new(value, path, errs);
+    let name = obj.string("name", env, errs);
+    let hash = obj.string("password_hash", env, errs);
+    let policy = read_policy(&mut obj, env, errs);
+    obj.finish(errs);
+    let name = match name {
+        Some(n) if !n.trim().is_empty() => Some(n),
+        _ => {
+            errs.push(&format!("{path}.name"), "required");
+            None
+        }
+    };
+    let hash = match hash {
+        Some(h) => match check_hash(&h) {
+            Ok(_) => Some(h),
+            Err(e) => {
+                errs.push(&format!("{path}.password_hash"), e);
+                None
+            }
+        },
+        None => {
+            errs.push(&format!("{path}.password_hash"), "required (see `butler hash-password`)");
+            None
+        }
+    };
+    Some(User { name: name?, password_hash: hash?, policy: Arc::new(policy) })
+}
+
+/// Cross-checks of SPEC §4: what each auth mode needs and uses.
+fn check_auth_mode(
+    auth: &Auth,
+    clients: &[Client],
+    users: &[User],
+    roles: &[(String, Arc<Policy>)],
+    errs: &mut Errors,
+) {
+    let mode = auth.mode.as_str();
+    if !auth.mode.uses_keys() && !clients.is_empty() {
+        errs.push("clients", format!("API-key clients are not used in auth.mode {mode}"));
+    }
+    if !auth.mode.uses_users() && !users.is_empty() {
+        errs.push("users", format!("users need auth.mode jwt_standalone or either, not {mode}"));
+    }
+    if auth.mode == AuthMode::JwtStandalone && users.is_empty() {
+        errs.push("users", "at least one user is required in jwt_standalone mode");
+    }
+    let jwt_used = auth.mode.uses_users() && !users.is_empty();
+    match &auth.jwt_secret {
+        Some(s) if s.len() < MIN_JWT_SECRET => errs.push(
+            "auth.jwt_secret",
+            format!("must be at least {MIN_JWT_SECRET} bytes, got {}", s.len()),
+        ),
+        None if jwt_used || auth.mode == AuthMode::JwtStandalone => {
+            errs.push("auth.jwt_secret", "required when users log in (at least 32 bytes)")
+        }
+        _ => {}
+    }
+    if auth.mode == AuthMode::Oidc
+        && auth.oidc.is_none()
+        && !errs.list.iter().any(|e| e.starts_with("auth.oidc"))
+    {
+        errs.push("auth.oidc", "required in oidc mode");
+    }
+    if !auth.mode.uses_oidc() {
+        if auth.oidc.is_some() {
+            errs.push("auth.oidc", format!("not used in auth.mode {mode}"));
+        }
+        if !roles.is_empty() {
+            errs.push("role_policies", format!("only used with OIDC, not in auth.mode {mode}"));
+        }
+    } else if auth.oidc.is_some() && roles.is_empty() {
+        errs.push("role_policies", "at least one role policy is required with OIDC");
+    }
 }
 
 /// Reads the policy fields (SPEC §4) of a client, user or role policy.

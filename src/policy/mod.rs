@@ -4,6 +4,8 @@
 
 pub mod model;
 
+use std::sync::Arc;
+
 use regex::{RegexSet, RegexSetBuilder};
 
 use crate::inspect::{self, Json, Limit, Num, Request};
@@ -156,10 +158,74 @@ pub struct Verdict {
     pub body: Option<Vec<u8>>,
 }
 
-impl Policy {
-    /// Whether the subject may use `model`.
+/// The effective policy of an authenticated subject: one [`Policy`]
+/// (clients, users) or those of every matching role (OIDC), merged "most
+/// permissive" and order-independently (SPEC §5): the request is allowed if
+/// some role allows its models and does not reject its prompt; numeric caps
+/// take the largest value, with unset (unlimited) winning; the most
+/// permissive rate limit wins. Duplicated roles change nothing.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    parts: Vec<Arc<Policy>>,
+    pub allow_manage: bool,
+    pub rate_limit: Option<Rate>,
+    pub max_request_bytes: Option<u64>,
+    pub max_ctx: Option<u64>,
+    pub max_predict: Option<u64>,
+}
+
+/// The largest of optional caps, where `None` (no cap) is the largest.
+fn loosest(values: impl Iterator<Item = Option<u64>>) -> Option<u64> {
+    let mut max = Some(0);
+    let mut any = false;
+    for v in values {
+        any = true;
+        max = match (max, v) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+    }
+    if any { max } else { None }
+}
+
+/// Requests per second a rate allows; `None` (no limit) is the most.
+fn rate_per_sec(r: &Rate) -> f64 {
+    f64::from(r.count) / r.window.as_secs_f64().max(f64::MIN_POSITIVE)
+}
+
+impl Grant {
+    pub fn single(policy: Arc<Policy>) -> Grant {
+        Grant::merge(vec![policy])
+    }
+
+    /// Merges the policies of several roles (at least one).
+    pub fn merge(parts: Vec<Arc<Policy>>) -> Grant {
+        let allow_manage = parts.iter().any(|p| p.allow_manage);
+        let rate_limit = if parts.iter().any(|p| p.rate_limit.is_none()) {
+            None
+        } else {
+            parts.iter().filter_map(|p| p.rate_limit).max_by(|a, b| {
+                rate_per_sec(a).total_cmp(&rate_per_sec(b)).then(a.count.cmp(&b.count))
+            })
+        };
+        Grant {
+            allow_manage,
+            rate_limit,
+            max_request_bytes: loosest(parts.iter().map(|p| p.max_request_bytes)),
+            max_ctx: loosest(parts.iter().map(|p| p.max_ctx)),
+            max_predict: loosest(parts.iter().map(|p| p.max_predict)),
+            parts,
+        }
+    }
+
+    /// Whether the subject may use `model` (some role allows it).
     pub fn permits(&self, model: &ModelName) -> bool {
-        self.models.permits(model)
+        self.parts.iter().any(|p| p.models.permits(model))
+    }
+
+    /// Whether every model is permitted (listings then pass untouched).
+    pub fn permits_all(&self) -> bool {
+        self.parts.iter().any(|p| p.models.permits_all())
     }
 
     /// Judges an inspected body in SPEC §7.5's order: model ACL, caps,
@@ -205,8 +271,26 @@ impl Policy {
             }
         }
         if inference || req.kind == inspect::Kind::Create {
-            if let Some(pattern) = self.prompts.first_match(&req.texts) {
-                return Err(Refusal::PromptRejected { pattern: pattern.to_owned() });
+            // Roles that allow every model named judge the prompt; if the
+            // models are allowed only across roles, every role does.
+            let allowing: Vec<&Arc<Policy>> =
+                self.parts.iter().filter(|p| models.iter().all(|m| p.models.permits(m))).collect();
+            let judges: Vec<&Arc<Policy>> =
+                if allowing.is_empty() { self.parts.iter().collect() } else { allowing };
+            let mut rejected = None;
+            for p in judges {
+                match p.prompts.first_match(&req.texts) {
+                    None => {
+                        rejected = None;
+                        break;
+                    }
+                    Some(pattern) => {
+                        rejected.get_or_insert_with(|| pattern.to_owned());
+                    }
+                }
+            }
+            if let Some(pattern) = rejected {
+                return Err(Refusal::PromptRejected { pattern });
             }
         }
         Ok(Verdict { models, body })
@@ -253,7 +337,7 @@ mod tests {
     }
 
     fn judge(p: &Policy, kind: Kind, body: &str) -> Result<Verdict, Refusal> {
-        p.judge(&inspect(kind, body.as_bytes()).unwrap())
+        Grant::single(Arc::new(p.clone())).judge(&inspect(kind, body.as_bytes()).unwrap())
     }
 
     #[test]
@@ -329,7 +413,7 @@ mod tests {
 
     #[test]
     fn listings_are_filtered() {
-        let p = policy(&["llama3.2"], &[]);
+        let p = Grant::single(Arc::new(policy(&["llama3.2"], &[])));
         let tags = br#"{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest","size":1},{"name":"qwen:7b","model":"qwen:7b"},{"size":3}]}"#;
         let out = p.filter_listing(Listing::Ollama, tags).unwrap();
         assert_eq!(
@@ -342,5 +426,57 @@ mod tests {
         assert_eq!(out, br#"{"object":"list","data":[{"id":"llama3.2:1b","object":"model"}]}"#);
         assert!(p.filter_listing(Listing::Ollama, b"not json").is_none());
         assert!(p.filter_listing(Listing::Ollama, br#"{"models":{}}"#).is_none());
+    }
+
+    fn role(allow: &[&str], f: impl FnOnce(&mut Policy)) -> Arc<Policy> {
+        let mut p = policy(allow, &[]);
+        f(&mut p);
+        Arc::new(p)
+    }
+
+    #[test]
+    fn roles_merge_most_permissive_and_order_independent() {
+        let rate = |s: &str| crate::limits::Rate::parse(s).unwrap();
+        let viewer = role(&["llama3.2"], |p| {
+            p.max_ctx = Some(2048);
+            p.rate_limit = rate("10/min");
+        });
+        let operator = role(&["qwen*"], |p| {
+            p.max_ctx = Some(8192);
+            p.max_predict = Some(100);
+            p.rate_limit = rate("1/s");
+            p.allow_manage = true;
+        });
+        let unlimited = role(&[], |_| {});
+        for parts in
+            [vec![viewer.clone(), operator.clone()], vec![operator.clone(), viewer.clone()]]
+        {
+            let g = Grant::merge(parts);
+            assert!(g.permits(&ModelName::parse("llama3.2").unwrap()));
+            assert!(g.permits(&ModelName::parse("qwen2.5:7b").unwrap()));
+            assert!(!g.permits(&ModelName::parse("mistral").unwrap()));
+            assert_eq!(g.max_ctx, Some(8192));
+            assert_eq!(g.max_predict, None, "unset on one role is unlimited, and wins");
+            assert_eq!(g.rate_limit, rate("1/s"));
+            assert!(g.allow_manage);
+        }
+        let g = Grant::merge(vec![viewer.clone(), unlimited.clone()]);
+        assert_eq!((g.max_ctx, g.rate_limit), (None, None));
+        let same = Grant::merge(vec![viewer.clone(), viewer.clone()]);
+        assert_eq!(same.max_ctx, Some(2048));
+    }
+
+    #[test]
+    fn a_prompt_passes_if_some_role_allowing_the_model_accepts_it() {
+        let strict = role(&["m"], |p| p.prompts = PromptFilter::new(vec!["bad".into()]).unwrap());
+        let lax = role(&["m"], |_| {});
+        let other = role(&["x"], |_| {});
+        let body = br#"{"model":"m","prompt":"bad idea"}"#;
+        let req = inspect(Kind::OllamaGenerate, body).unwrap();
+        assert!(Grant::merge(vec![strict.clone(), lax]).judge(&req).is_ok());
+        let e = Grant::merge(vec![strict.clone(), other.clone()]).judge(&req).unwrap_err();
+        assert_eq!(e, Refusal::PromptRejected { pattern: "bad".into() });
+        let e = Grant::merge(vec![other]).judge(&req).unwrap_err();
+        assert_eq!(e, Refusal::ModelDenied);
     }
 }

@@ -342,8 +342,11 @@ pub struct Request {
     pub body: Json,
 }
 
-/// Keys whose string values are not prompt text (SPEC §7.4).
-const NOT_PROMPT: &[&str] = &["model", "name", "role"];
+/// Keys whose string values are not prompt text (SPEC §7.4). A `role` is
+/// skipped only when it is one of the standard roles: chat templates copy
+/// the role into the prompt, so an invented one is scanned like any text.
+const NOT_PROMPT: &[&str] = &["model", "name"];
+const STANDARD_ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer", "function"];
 /// Keys holding image data, skipped whole.
 const IMAGE_KEYS: &[&str] = &["images", "image_url"];
 
@@ -499,7 +502,10 @@ fn collect_texts(value: &Json, out: &mut Vec<String>) {
             // An Anthropic/OpenAI base64 part: {"type":"base64","data":…}.
             let base64 = value.field("type").and_then(Json::as_str) == Some("base64");
             for (k, v) in entries {
-                let skip = NOT_PROMPT.iter().any(|f| key_is(k, f))
+                let standard_role =
+                    key_is(k, "role") && v.as_str().is_some_and(|r| STANDARD_ROLES.contains(&r));
+                let skip = standard_role
+                    || NOT_PROMPT.iter().any(|f| key_is(k, f))
                     || IMAGE_KEYS.iter().any(|f| key_is(k, f))
                     || (base64 && key_is(k, "data"));
                 if !skip {
@@ -705,6 +711,9 @@ mod tests {
         let r = inspect(Kind::OpenAiGenerate, body.as_bytes()).unwrap();
         let texts: Vec<&str> = r.texts.iter().map(String::as_str).collect();
         assert_eq!(texts, ["S", "text", "T", "image_url", "U", "P", "base64", "image/png"]);
+        let body = br#"{"model":"m","messages":[{"role":"the plan","content":"x"}]}"#;
+        let r = inspect(Kind::OllamaGenerate, body).unwrap();
+        assert_eq!(r.texts, ["the plan", "x"], "an invented role is prompt text");
     }
 
     #[test]

@@ -224,7 +224,8 @@ impl Proxy {
 
         let no_body = ex.head.method == "HEAD" || status == 204 || status == 304 || status < 200;
         let len = if no_body {
-            BodyLen::None(content_length(&parts.headers))
+            // A filtered listing's length would reveal the unfiltered size.
+            BodyLen::None(if rewrite.is_some() { None } else { content_length(&parts.headers) })
         } else {
             match body.content_length() {
                 Some(n) => BodyLen::Length(n),

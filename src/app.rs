@@ -259,10 +259,10 @@ impl App {
             _ => None,
         };
         let inspected = class.inspected();
-        if let (Some(n), Some(max)) = (declared, policy.max_request_bytes) {
-            if n > max {
-                return Err(Refusal::TooLarge.into());
-            }
+        if let (Some(n), Some(max)) = (declared, policy.max_request_bytes)
+            && n > max
+        {
+            return Err(Refusal::TooLarge.into());
         }
         if inspected.is_some() && declared.is_some_and(|n| n > MAX_INSPECTED as u64) {
             return Err(Refusal::BodyTooLarge.into());

@@ -32,10 +32,10 @@ impl Health {
     /// `Ok` when the upstream answered 2xx recently.
     pub fn check(&self) -> Result<(), String> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, result)) = &*last {
-            if at.elapsed() < CACHE_FOR {
-                return result.clone();
-            }
+        if let Some((at, result)) = &*last
+            && at.elapsed() < CACHE_FOR
+        {
+            return result.clone();
         }
         let result = match self.agent.get(&self.url).call() {
             Ok(r) if r.status().is_success() => Ok(()),

@@ -432,19 +432,19 @@ pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request, String> {
 fn check_types(kind: Kind, json: &Json) -> Result<(), String> {
     let wrong = |field: &str, what: &str| Err(format!("{field} must be {what}"));
     for field in ["model", "name"] {
-        if let Some(v) = json.field(field) {
-            if !matches!(v, Json::String(_)) {
-                return wrong(field, "a string");
-            }
+        if let Some(v) = json.field(field)
+            && !matches!(v, Json::String(_))
+        {
+            return wrong(field, "a string");
         }
     }
     for field in
         ["num_ctx", "num_predict", "max_tokens", "max_completion_tokens", "max_output_tokens"]
     {
-        if let Some(v) = json.field(field) {
-            if !matches!(v, Json::Number(_)) {
-                return wrong(field, "a number");
-            }
+        if let Some(v) = json.field(field)
+            && !matches!(v, Json::Number(_))
+        {
+            return wrong(field, "a number");
         }
     }
     if let Some(options) = json.field("options") {
@@ -459,25 +459,25 @@ fn check_types(kind: Kind, json: &Json) -> Result<(), String> {
             }
         }
     }
-    if let Some(v) = json.field("keep_alive") {
-        if !matches!(v, Json::Number(_) | Json::String(_)) {
-            return wrong("keep_alive", "a number or a string");
-        }
+    if let Some(v) = json.field("keep_alive")
+        && !matches!(v, Json::Number(_) | Json::String(_))
+    {
+        return wrong("keep_alive", "a number or a string");
     }
-    if let Some(v) = json.field("stream") {
-        if !matches!(v, Json::Bool(_)) {
-            return wrong("stream", "a boolean");
-        }
+    if let Some(v) = json.field("stream")
+        && !matches!(v, Json::Bool(_))
+    {
+        return wrong("stream", "a boolean");
     }
-    if let Some(v) = json.field("messages") {
-        if !matches!(v, Json::Array(_)) {
-            return wrong("messages", "an array");
-        }
+    if let Some(v) = json.field("messages")
+        && !matches!(v, Json::Array(_))
+    {
+        return wrong("messages", "an array");
     }
-    if let Some(v) = json.field("prompt") {
-        if !matches!(v, Json::String(_)) {
-            return wrong("prompt", "a string");
-        }
+    if let Some(v) = json.field("prompt")
+        && !matches!(v, Json::String(_))
+    {
+        return wrong("prompt", "a string");
     }
     if let Some(v) = json.field("system") {
         let ok = match v {

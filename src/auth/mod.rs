@@ -177,11 +177,11 @@ impl Authenticator {
                 if !oidc::looks_like_jwt(token) {
                     return Err(Failure::Invalid);
                 }
-                if let Some(jwt) = &self.jwt {
-                    if let Ok(user) = jwt.verify(token, SystemTime::now()) {
-                        // A token outlives nothing: the user must still exist.
-                        return self.user(&user).ok_or(Failure::Invalid);
-                    }
+                if let Some(jwt) = &self.jwt
+                    && let Ok(user) = jwt.verify(token, SystemTime::now())
+                {
+                    // A token outlives nothing: the user must still exist.
+                    return self.user(&user).ok_or(Failure::Invalid);
                 }
                 match &self.oidc {
                     Some(oidc) => self.oidc_subject(oidc, token),

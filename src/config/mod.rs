@@ -724,10 +724,10 @@ pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
         Some(i) => authority[i + 1..].strip_prefix(':'),
         None => authority.rsplit_once(':').map(|(_, p)| p),
     };
-    if let Some(port) = port {
-        if port.parse::<u16>().is_err() {
-            return Err(format!("invalid port {port:?}"));
-        }
+    if let Some(port) = port
+        && port.parse::<u16>().is_err()
+    {
+        return Err(format!("invalid port {port:?}"));
     }
     if path.contains(char::is_whitespace) || path.contains("//") {
         return Err(format!("invalid base path {path:?}"));

@@ -261,10 +261,10 @@ impl<'c> Exchange<'c> {
     /// Reads the whole body into memory, refusing more than `limit` bytes.
     /// `Ok(None)` means it was larger than `limit`.
     pub fn read_body_limited(&mut self, limit: usize) -> io::Result<Option<Vec<u8>>> {
-        if let Framing::Length(n) = self.head.framing {
-            if n > limit as u64 {
-                return Ok(None);
-            }
+        if let Framing::Length(n) = self.head.framing
+            && n > limit as u64
+        {
+            return Ok(None);
         }
         let mut body = Vec::new();
         let mut chunk = [0u8; 8192];
@@ -289,10 +289,10 @@ impl<'c> Exchange<'c> {
         if self.body_error.is_some() || (self.head.expect_continue && !self.continue_sent) {
             return false;
         }
-        if let Body::Length(n) = self.body {
-            if n > DRAIN_LIMIT {
-                return false;
-            }
+        if let Body::Length(n) = self.body
+            && n > DRAIN_LIMIT
+        {
+            return false;
         }
         let mut chunk = [0u8; 8192];
         let mut total = 0u64;

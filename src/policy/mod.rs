@@ -243,10 +243,10 @@ impl Grant {
         let inference = req.kind.is_inference();
         let mut body = None;
         if inference {
-            if let (Some(asked), Some(limit)) = (req.num_ctx, self.max_ctx) {
-                if asked.as_f64() > limit as f64 {
-                    return Err(Refusal::CtxExceeded { asked, limit });
-                }
+            if let (Some(asked), Some(limit)) = (req.num_ctx, self.max_ctx)
+                && asked.as_f64() > limit as f64
+            {
+                return Err(Refusal::CtxExceeded { asked, limit });
             }
             if let Some(limit) = self.max_predict {
                 match req.predict {

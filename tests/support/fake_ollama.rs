@@ -910,10 +910,10 @@ fn respond(out: &mut Out<'_>, request: &Recorded, b: &Behavior) -> Flow {
     let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
     let model = body.get("model").and_then(Value::as_str).unwrap_or("m").to_string();
 
-    if INFERENCE_PATHS.contains(&path) {
-        if let Some(status) = b.fail_status {
-            return out.send_json(status, &json!({"error": "boom"}));
-        }
+    if INFERENCE_PATHS.contains(&path)
+        && let Some(status) = b.fail_status
+    {
+        return out.send_json(status, &json!({"error": "boom"}));
     }
 
     let ollama_stream = body.get("stream").and_then(Value::as_bool) != Some(false);

@@ -14,6 +14,7 @@
 pub mod butler;
 pub mod client;
 pub mod fake_ollama;
+pub mod idp;
 pub mod setup;
 
 pub use butler::{

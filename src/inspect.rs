@@ -339,6 +339,9 @@ pub struct Request {
     pub predict_effective: bool,
     /// Every string a prompt filter must see (SPEC §7.4).
     pub texts: Vec<String>,
+    /// `keep_alive` in seconds as Ollama reads it (a number is seconds, a
+    /// string a Go duration); negative means "keep loaded forever".
+    pub keep_alive: Option<f64>,
     pub body: Json,
 }
 
@@ -422,9 +425,56 @@ pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request, String> {
         None => true,
     };
 
+    let keep_alive = match json.field("keep_alive") {
+        Some(Json::Number(n)) => Some(n.as_f64()),
+        Some(Json::String(s)) => Some(
+            go_duration_secs(s).ok_or_else(|| "keep_alive is not a valid duration".to_owned())?,
+        ),
+        _ => None,
+    };
+
     let mut texts = Vec::new();
     collect_texts(&json, &mut texts);
-    Ok(Request { kind, models, num_ctx, predict, predict_effective, texts, body: json })
+    Ok(Request { kind, models, num_ctx, predict, predict_effective, texts, keep_alive, body: json })
+}
+
+/// Parses a Go `time.ParseDuration` string (`"5m"`, `"1h30m"`, `"-1s"`,
+/// `"1.5h"`, `"0"`) into seconds, as Ollama reads a string `keep_alive`.
+pub fn go_duration_secs(s: &str) -> Option<f64> {
+    let (sign, mut rest) = match s.as_bytes().first() {
+        Some(b'-') => (-1.0, &s[1..]),
+        Some(b'+') => (1.0, &s[1..]),
+        _ => (1.0, s),
+    };
+    if rest == "0" {
+        return Some(0.0);
+    }
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total = 0.0;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let number = &rest[..digits];
+        if number.is_empty() || number == "." || number.matches('.').count() > 1 {
+            return None;
+        }
+        let value: f64 = number.parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    Some(sign * total)
 }
 
 /// Type checks for every field butler reads (SPEC §7.1): a wrong type is a
@@ -727,6 +777,24 @@ mod tests {
             bad(Kind::Create, r#"{"model":"new","modelfile":"FROM x"}"#),
             "modelfile is not supported; use from"
         );
+    }
+
+    #[test]
+    fn keep_alive_is_read_as_ollama_reads_it() {
+        let ka = |body: &str| inspect(Kind::OllamaGenerate, body.as_bytes()).map(|r| r.keep_alive);
+        assert_eq!(ka(r#"{"model":"a","keep_alive":300}"#), Ok(Some(300.0)));
+        assert_eq!(ka(r#"{"model":"a","keep_alive":"5m"}"#), Ok(Some(300.0)));
+        assert_eq!(ka(r#"{"model":"a","keep_alive":"1h30m"}"#), Ok(Some(5400.0)));
+        assert_eq!(ka(r#"{"model":"a","keep_alive":"-1"}"#).ok(), None, "Go needs a unit");
+        assert_eq!(ka(r#"{"model":"a","keep_alive":"-1s"}"#), Ok(Some(-1.0)));
+        assert_eq!(ka(r#"{"model":"a","keep_alive":-1}"#), Ok(Some(-1.0)));
+        assert_eq!(ka(r#"{"model":"a"}"#), Ok(None));
+        for bad in ["", "5", "5 m", "m", "1.2.3s", "5w"] {
+            assert_eq!(go_duration_secs(bad), None, "{bad}");
+        }
+        assert_eq!(go_duration_secs("0"), Some(0.0));
+        assert_eq!(go_duration_secs("1.5h"), Some(5400.0));
+        assert_eq!(go_duration_secs("300ms"), Some(0.3));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::auth::oidc::OidcSettings;
 use crate::auth::password::check_hash;
 use crate::limits::Rate;
 use crate::policy::model::{ModelAcl, Pattern};
-use crate::policy::{Policy, PromptFilter};
+use crate::policy::{KeepAliveCap, Policy, PromptFilter};
 use walk::{Env, Errors, Obj, string_value};
 
 /// Where butler listens when the config says nothing.
@@ -633,6 +633,14 @@ pub(crate) fn read_policy(obj: &mut Obj, env: Env, errs: &mut Errors) -> Policy 
     let max_request_bytes = obj.uint("max_request_bytes", env, errs);
     let max_ctx = obj.uint("max_ctx", env, errs);
     let max_predict = obj.uint("max_predict", env, errs);
+    let max_keep_alive =
+        obj.string("max_keep_alive", env, errs).and_then(|text| match parse_duration(&text) {
+            Ok(d) => Some(KeepAliveCap { secs: d.as_secs_f64(), text: text.trim().to_owned() }),
+            Err(e) => {
+                errs.push(&obj.field_path("max_keep_alive"), e);
+                None
+            }
+        });
     let sources: Vec<(String, String)> = obj.strings("deny_prompt_patterns", env, errs);
     let mut compiled = Vec::new();
     for (source, path) in sources {
@@ -652,6 +660,7 @@ pub(crate) fn read_policy(obj: &mut Obj, env: Env, errs: &mut Errors) -> Policy 
         max_request_bytes,
         max_ctx,
         max_predict,
+        max_keep_alive,
         prompts,
     }
 }

@@ -26,7 +26,17 @@ pub struct Policy {
     pub max_request_bytes: Option<u64>,
     pub max_ctx: Option<u64>,
     pub max_predict: Option<u64>,
+    /// Ceiling on `keep_alive`, with its configured spelling for messages.
+    pub max_keep_alive: Option<KeepAliveCap>,
     pub prompts: PromptFilter,
+}
+
+/// `max_keep_alive`: seconds, and the text the configuration used (`10m`),
+/// which the error message repeats.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeepAliveCap {
+    pub secs: f64,
+    pub text: String,
 }
 
 /// `deny_prompt_patterns`, compiled into one set so each string is scanned
@@ -90,6 +100,9 @@ pub enum Refusal {
         asked: Num,
         limit: u64,
     },
+    KeepAliveExceeded {
+        limit: String,
+    },
     PromptRejected {
         pattern: String,
     },
@@ -105,7 +118,8 @@ impl Refusal {
             Refusal::TooLarge | Refusal::BodyTooLarge => 413,
             Refusal::BadRequest(_)
             | Refusal::CtxExceeded { .. }
-            | Refusal::PredictExceeded { .. } => 400,
+            | Refusal::PredictExceeded { .. }
+            | Refusal::KeepAliveExceeded { .. } => 400,
         }
     }
 
@@ -124,6 +138,7 @@ impl Refusal {
             Refusal::PredictExceeded { asked, limit } => {
                 format!("num_predict {asked} exceeds limit of {limit}")
             }
+            Refusal::KeepAliveExceeded { limit } => format!("keep_alive exceeds limit of {limit}"),
             Refusal::PromptRejected { .. } => "prompt rejected".into(),
         }
     }
@@ -143,6 +158,7 @@ impl Refusal {
             Refusal::ModelDenied => "model_denied",
             Refusal::CtxExceeded { .. } => "num_ctx_exceeded",
             Refusal::PredictExceeded { .. } => "num_predict_exceeded",
+            Refusal::KeepAliveExceeded { .. } => "keep_alive_exceeded",
             Refusal::PromptRejected { .. } => "prompt_rejected",
         }
     }
@@ -172,6 +188,7 @@ pub struct Grant {
     pub max_request_bytes: Option<u64>,
     pub max_ctx: Option<u64>,
     pub max_predict: Option<u64>,
+    pub max_keep_alive: Option<KeepAliveCap>,
 }
 
 /// The largest of optional caps, where `None` (no cap) is the largest.
@@ -214,6 +231,14 @@ impl Grant {
             max_request_bytes: loosest(parts.iter().map(|p| p.max_request_bytes)),
             max_ctx: loosest(parts.iter().map(|p| p.max_ctx)),
             max_predict: loosest(parts.iter().map(|p| p.max_predict)),
+            max_keep_alive: if parts.iter().any(|p| p.max_keep_alive.is_none()) {
+                None
+            } else {
+                parts
+                    .iter()
+                    .filter_map(|p| p.max_keep_alive.clone())
+                    .max_by(|a, b| a.secs.total_cmp(&b.secs))
+            },
             parts,
         }
     }
@@ -268,6 +293,12 @@ impl Grant {
                     };
                     body = inspect::inject_predict(req.kind, &req.body, value);
                 }
+            }
+        }
+        if let (Some(asked), Some(cap)) = (req.keep_alive, &self.max_keep_alive) {
+            // Negative means "keep loaded forever": always over a ceiling.
+            if asked < 0.0 || asked > cap.secs {
+                return Err(Refusal::KeepAliveExceeded { limit: cap.text.clone() });
             }
         }
         if inference || req.kind == inspect::Kind::Create {
@@ -389,6 +420,24 @@ mod tests {
         );
         let v = judge(&p, Kind::OpenAiEmbed, r#"{"model":"m","input":"x"}"#).unwrap();
         assert!(v.body.is_none());
+    }
+
+    #[test]
+    fn keep_alive_cap() {
+        let cap = KeepAliveCap { secs: 600.0, text: "10m".into() };
+        let p = Policy { max_keep_alive: Some(cap), ..policy(&["*"], &[]) };
+        let generate = Kind::OllamaGenerate;
+        assert!(judge(&p, generate, r#"{"model":"m","keep_alive":"10m"}"#).is_ok());
+        assert!(judge(&p, generate, r#"{"model":"m","keep_alive":0}"#).is_ok());
+        for body in [
+            r#"{"model":"m","keep_alive":"1h"}"#,
+            r#"{"model":"m","keep_alive":601}"#,
+            r#"{"model":"m","keep_alive":-1}"#,
+        ] {
+            let e = judge(&p, generate, body).unwrap_err();
+            assert_eq!(e.message(), "keep_alive exceeds limit of 10m", "{body}");
+            assert_eq!(e.reason(), "keep_alive_exceeded");
+        }
     }
 
     #[test]

@@ -5,13 +5,16 @@ CONFIG ?= butler.yaml
 BIN := target/release/butler
 STATIC_TARGET := x86_64-unknown-linux-gnu
 STATIC_BIN := target/$(STATIC_TARGET)/release/butler
+PYTHON ?= python3
+OIDC_VENV := target/venv-oidc
 
-.PHONY: help build run test lint fmt static docker bench clean
+.PHONY: help build run test test-oidc lint fmt static docker bench clean
 
 help:
 	@echo "make build    release binary in $(BIN)"
 	@echo "make run      build, create $(CONFIG) with 'butler init' if missing, start butler"
-	@echo "make test     everything CI runs: rustfmt check, clippy, all tests"
+	@echo "make test     everything CI runs: rustfmt check, clippy, all tests, test-oidc"
+	@echo "make test-oidc  end-to-end OIDC test against oidc-provider-mock (Python venv in $(OIDC_VENV))"
 	@echo "make lint     rustfmt check and clippy (warnings are errors)"
 	@echo "make fmt      reformat the code"
 	@echo "make static   statically linked x86_64 glibc binary in $(STATIC_BIN)"
@@ -30,6 +33,22 @@ run: build
 # The bench is not a test: `cargo test` leaves it out, clippy --all-targets lints it.
 test: lint
 	$(CARGO) test
+	$(MAKE) --no-print-directory test-oidc
+
+# Butler against a real OIDC provider (PyPI's oidc-provider-mock behind TLS): a token from its
+# authorization-code flow, used against butler. Needs python3 with venv; never skipped.
+test-oidc: $(OIDC_VENV)/.installed
+	@$(OIDC_VENV)/bin/python -c '' 2>/dev/null || { echo "error: the virtualenv $(OIDC_VENV) is broken; remove it and rerun make test-oidc" >&2; exit 1; }
+	$(CARGO) build
+	BUTLER_BIN=target/debug/butler $(OIDC_VENV)/bin/python tests/e2e/oidc_e2e.py
+
+# Reinstalled only when requirements.txt is newer than the stamp.
+$(OIDC_VENV)/.installed: tests/e2e/requirements.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: test-oidc needs $(PYTHON) (Python 3 with the venv module; Debian: apt-get install python3 python3-venv)" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "error: test-oidc needs Python >= 3.11 with the venv and ensurepip modules ($(PYTHON) lacks them; Debian: apt-get install python3-venv)" >&2; exit 1; }
+	$(PYTHON) -m venv $(OIDC_VENV)
+	$(OIDC_VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+	touch $@
 
 lint:
 	$(CARGO) fmt --all -- --check

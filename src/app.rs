@@ -21,7 +21,7 @@ use crate::http::exchange::BodyError;
 use crate::http::head::Framing;
 use crate::http::{Exchange, Service};
 use crate::inspect::{self, MAX_INSPECTED};
-use crate::limits::RateLimiter;
+use crate::limits::{Concurrency, RateLimiter, Slot};
 use crate::logging;
 use crate::metrics::Metrics;
 use crate::policy::Refusal;
@@ -37,6 +37,8 @@ pub struct App {
     metrics: Metrics,
     ids: RequestIds,
     limiter: RateLimiter,
+    concurrency: Concurrency,
+    global_max_concurrent: Option<u64>,
     log_prompts: bool,
 }
 
@@ -51,6 +53,8 @@ impl App {
             metrics: Metrics::new(),
             ids: RequestIds::new().map_err(|e| format!("no randomness: {e}"))?,
             limiter: RateLimiter::new(config.global_rate_limit),
+            concurrency: Concurrency::new(),
+            global_max_concurrent: config.global_max_concurrent,
             log_prompts: config.log_prompts,
         })
     }
@@ -209,7 +213,9 @@ fn unauthorized(ex: &mut Exchange<'_>) {
 }
 
 /// What an admitted request forwards.
-struct Plan {
+struct Plan<'a> {
+    /// Concurrency slots held until the response ends.
+    _slots: Vec<Slot<'a>>,
     upload: Upload,
     listing: Option<Listing>,
     /// Normalised name of the model it runs, for logs and metrics.
@@ -241,7 +247,7 @@ impl App {
         identity: &Identity,
         class: &Class,
         id: &str,
-    ) -> Result<Plan, Stop> {
+    ) -> Result<Plan<'_>, Stop> {
         let policy = &*identity.grant;
         if *class == Class::Butler {
             let _ = ex.respond_json(404, "{\"error\":\"not found\"}\n");
@@ -253,6 +259,20 @@ impl App {
         self.limiter
             .check(&identity.key, policy.rate_limit, Instant::now())
             .map_err(|l| Refusal::RateLimited { retry_after_secs: l.retry_after_secs() })?;
+        let mut slots = Vec::new();
+        if let Some(max) = policy.max_concurrent {
+            let max = usize::try_from(max).unwrap_or(usize::MAX);
+            slots.push(
+                self.concurrency
+                    .try_acquire(&identity.key, max)
+                    .ok_or(Refusal::TooManyConcurrent)?,
+            );
+        }
+        if let (Some(max), Class::Inference(_)) = (self.global_max_concurrent, class) {
+            let max = usize::try_from(max).unwrap_or(usize::MAX);
+            // Subject keys carry a kind prefix, so this one cannot collide.
+            slots.push(self.concurrency.try_acquire("global", max).ok_or(Refusal::Busy)?);
+        }
 
         let declared = match ex.head.framing {
             Framing::Length(n) => Some(n),
@@ -268,8 +288,13 @@ impl App {
             return Err(Refusal::BodyTooLarge.into());
         }
 
-        let mut plan =
-            Plan { upload: Upload::Stream, listing: None, model: None, prompt_sha256: None };
+        let mut plan = Plan {
+            _slots: slots,
+            upload: Upload::Stream,
+            listing: None,
+            model: None,
+            prompt_sha256: None,
+        };
         match class {
             Class::ModelInfoPath(raw) => {
                 let name = ModelName::parse(raw).map_err(|e| Refusal::BadRequest(e.into()))?;

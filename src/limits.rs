@@ -350,6 +350,58 @@ impl Subjects {
     }
 }
 
+/// Requests in flight per key (`max_concurrent`, `global_max_concurrent`).
+/// A key's entry exists only while it has requests in flight, so memory is
+/// bounded by the number of requests being served.
+#[derive(Debug, Default)]
+pub struct Concurrency {
+    in_flight: Mutex<HashMap<String, usize>>,
+}
+
+/// One admitted request; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot<'a> {
+    owner: &'a Concurrency,
+    key: String,
+}
+
+impl Concurrency {
+    pub fn new() -> Concurrency {
+        Concurrency::default()
+    }
+
+    /// Takes a slot for `key` if fewer than `max` are in flight.
+    pub fn try_acquire(&self, key: &str, max: usize) -> Option<Slot<'_>> {
+        let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key.to_owned()).or_insert(0);
+        if *n >= max {
+            if *n == 0 {
+                map.remove(key);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(Slot { owner: self, key: key.to_owned() })
+    }
+
+    #[cfg(test)]
+    fn count(&self, key: &str) -> usize {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.owner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -757,5 +809,21 @@ mod tests {
         assert!(e.retry_after_secs() > 1_000_000);
         let huge_big = Some(Rate { count: u32::MAX, window: Duration::MAX });
         assert_eq!(l.check("d", huge_big, t0), Ok(()));
+    }
+
+    #[test]
+    fn concurrency_slots_are_bounded_and_freed() {
+        let c = Concurrency::new();
+        let a = c.try_acquire("a", 2).unwrap();
+        let b = c.try_acquire("a", 2).unwrap();
+        assert!(c.try_acquire("a", 2).is_none());
+        assert!(c.try_acquire("b", 1).is_some(), "keys are independent");
+        drop(a);
+        assert_eq!(c.count("a"), 1);
+        let again = c.try_acquire("a", 2).unwrap();
+        drop((b, again));
+        assert!(c.in_flight.lock().unwrap().is_empty(), "idle keys leave no entry");
+        assert!(c.try_acquire("z", 0).is_none());
+        assert!(c.in_flight.lock().unwrap().is_empty());
     }
 }

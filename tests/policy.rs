@@ -1689,3 +1689,105 @@ fn without_log_prompts_no_prompt_text_is_ever_logged() {
     assert!(!output.contains("marker-zq8"), "prompt text in the output:\n{output}");
     assert!(!output.contains("hello"), "prompt text in the output:\n{output}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency and keep-alive caps
+// ---------------------------------------------------------------------------------------------
+
+/// `max_concurrent` counts a subject's requests in flight, streams included (429 `too many
+/// concurrent requests`); `global_max_concurrent` counts inference in flight across subjects
+/// (503 `server busy`). Both free their slot when the response ends.
+#[test]
+fn concurrency_limits_count_requests_in_flight() {
+    let fake = FakeOllama::start_with(Behavior {
+        token_delay: Duration::from_millis(300),
+        tokens: 3,
+        ..Behavior::default()
+    });
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nupstream: \"{}\"\nglobal_max_concurrent: 2\nclients:\n  \
+         - name: one\n    key: \"sk-conc-one-1\"\n    allow_models: [\"*\"]\n    max_concurrent: 1\n  \
+         - name: two\n    key: \"sk-conc-two-2\"\n    allow_models: [\"*\"]\n  \
+         - name: three\n    key: \"sk-conc-three-3\"\n    allow_models: [\"*\"]\n",
+        fake.url()
+    );
+    let butler = Butler::start(&yaml);
+    let chat = br#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#;
+    let open = |key: &str| {
+        let auth = format!("Bearer {key}");
+        support::StreamingResponse::open(
+            butler.addr(),
+            "POST",
+            "/api/chat",
+            &[("Authorization", &auth), ("Content-Type", "application/json")],
+            chat,
+        )
+    };
+    let post = |key: &str| {
+        let auth = format!("Bearer {key}");
+        request(butler.addr(), "POST", "/api/chat", &[("Authorization", &auth)], chat)
+    };
+
+    // One stream of `one` is in flight (its head is here, its tokens are not).
+    let mut first = open("sk-conc-one-1");
+    assert_eq!(first.status, 200);
+    assert_error(&post("sk-conc-one-1"), 429, "too many concurrent requests");
+    // A listing is a request too.
+    let auth = "Bearer sk-conc-one-1";
+    assert_error(
+        &get(butler.addr(), "/api/tags", &[("Authorization", auth)]),
+        429,
+        "too many concurrent requests",
+    );
+
+    // `two` fills the second global inference slot; `three` finds none, but may still list.
+    let mut second = open("sk-conc-two-2");
+    assert_eq!(second.status, 200);
+    assert_error(&post("sk-conc-three-3"), 503, "server busy");
+    let auth3 = "Bearer sk-conc-three-3";
+    assert_eq!(get(butler.addr(), "/api/tags", &[("Authorization", auth3)]).status, 200);
+    assert_eq!(fake.requests_to("/api/chat").len(), 2, "refusals never reached the upstream");
+
+    // Finished streams free their slots.
+    first.read_to_end(WAIT);
+    second.read_to_end(WAIT);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = post("sk-conc-one-1");
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed: {}", r.body_str());
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(post("sk-conc-three-3").status, 200);
+}
+
+#[test]
+fn keep_alive_is_capped() {
+    let fake = FakeOllama::start();
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nupstream: \"{}\"\nclients:\n  - name: c\n    key: \"sk-ka-1\"\n    \
+         allow_models: [\"*\"]\n    max_keep_alive: 10m\n",
+        fake.url()
+    );
+    let butler = Butler::start(&yaml);
+    let send = |keep_alive: &str| {
+        let body = format!(r#"{{"model":"llama3.2","prompt":"hi","keep_alive":{keep_alive}}}"#);
+        request(
+            butler.addr(),
+            "POST",
+            "/api/generate",
+            &[("Authorization", "Bearer sk-ka-1")],
+            body.as_bytes(),
+        )
+    };
+    assert_eq!(send("\"10m\"").status, 200);
+    assert_eq!(send("600").status, 200);
+    assert_eq!(fake.request_count(), 2);
+    for over in ["\"1h\"", "601", "-1", "\"-5m\""] {
+        assert_error(&send(over), 400, "keep_alive exceeds limit of 10m");
+    }
+    assert_eq!(send("\"soon\"").status, 400);
+    assert_eq!(fake.request_count(), 2);
+}

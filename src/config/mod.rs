@@ -37,6 +37,8 @@ pub struct Config {
     pub metrics_token: Option<String>,
     /// Requests per window across every subject.
     pub global_rate_limit: Option<Rate>,
+    /// Inference requests in flight upstream at once, across every subject.
+    pub global_max_concurrent: Option<u64>,
     pub clients: Vec<Client>,
     pub auth: Auth,
     pub users: Vec<User>,
@@ -285,6 +287,11 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         })
     });
 
+    let global_max_concurrent = root.uint("global_max_concurrent", env, errs);
+    if global_max_concurrent == Some(0) {
+        errs.push("global_max_concurrent", "must be at least 1");
+    }
+
     let mut clients = Vec::new();
     root.list("clients", errs, |item, path, errs| {
         if let Some(c) = read_client(item, &path, env, errs) {
@@ -362,6 +369,7 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         timeouts,
         metrics_token,
         global_rate_limit,
+        global_max_concurrent,
         clients,
         auth,
         users,
@@ -630,6 +638,10 @@ pub(crate) fn read_policy(obj: &mut Obj, env: Env, errs: &mut Errors) -> Policy 
             None
         })
     });
+    let max_concurrent = obj.uint("max_concurrent", env, errs);
+    if max_concurrent == Some(0) {
+        errs.push(&obj.field_path("max_concurrent"), "must be at least 1");
+    }
     let max_request_bytes = obj.uint("max_request_bytes", env, errs);
     let max_ctx = obj.uint("max_ctx", env, errs);
     let max_predict = obj.uint("max_predict", env, errs);
@@ -657,6 +669,7 @@ pub(crate) fn read_policy(obj: &mut Obj, env: Env, errs: &mut Errors) -> Policy 
         models: ModelAcl::new(allow, deny),
         allow_manage,
         rate_limit,
+        max_concurrent,
         max_request_bytes,
         max_ctx,
         max_predict,

@@ -23,6 +23,8 @@ pub struct Policy {
     pub models: ModelAcl,
     pub allow_manage: bool,
     pub rate_limit: Option<Rate>,
+    /// Requests of this subject in flight at once.
+    pub max_concurrent: Option<u64>,
     pub max_request_bytes: Option<u64>,
     pub max_ctx: Option<u64>,
     pub max_predict: Option<u64>,
@@ -86,6 +88,10 @@ pub enum Refusal {
     RateLimited {
         retry_after_secs: u64,
     },
+    /// Over the subject's `max_concurrent`.
+    TooManyConcurrent,
+    /// Over `global_max_concurrent` (inference in flight upstream).
+    Busy,
     /// Over the subject's `max_request_bytes`.
     TooLarge,
     /// Over the 8 MiB inspection ceiling.
@@ -114,7 +120,8 @@ impl Refusal {
             Refusal::EndpointNotAllowed | Refusal::ModelDenied | Refusal::PromptRejected { .. } => {
                 403
             }
-            Refusal::RateLimited { .. } => 429,
+            Refusal::RateLimited { .. } | Refusal::TooManyConcurrent => 429,
+            Refusal::Busy => 503,
             Refusal::TooLarge | Refusal::BodyTooLarge => 413,
             Refusal::BadRequest(_)
             | Refusal::CtxExceeded { .. }
@@ -128,6 +135,8 @@ impl Refusal {
         match self {
             Refusal::EndpointNotAllowed => "endpoint not allowed".into(),
             Refusal::RateLimited { .. } => "rate limit exceeded".into(),
+            Refusal::TooManyConcurrent => "too many concurrent requests".into(),
+            Refusal::Busy => "server busy".into(),
             Refusal::TooLarge => "request too large".into(),
             Refusal::BodyTooLarge => "request body too large".into(),
             Refusal::BadRequest(reason) => format!("bad request: {reason}"),
@@ -153,6 +162,7 @@ impl Refusal {
         match self {
             Refusal::EndpointNotAllowed => "endpoint_not_allowed",
             Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::TooManyConcurrent | Refusal::Busy => "concurrency_limited",
             Refusal::TooLarge | Refusal::BodyTooLarge => "too_large",
             Refusal::BadRequest(_) => "bad_request",
             Refusal::ModelDenied => "model_denied",
@@ -185,6 +195,7 @@ pub struct Grant {
     parts: Vec<Arc<Policy>>,
     pub allow_manage: bool,
     pub rate_limit: Option<Rate>,
+    pub max_concurrent: Option<u64>,
     pub max_request_bytes: Option<u64>,
     pub max_ctx: Option<u64>,
     pub max_predict: Option<u64>,
@@ -228,6 +239,7 @@ impl Grant {
         Grant {
             allow_manage,
             rate_limit,
+            max_concurrent: loosest(parts.iter().map(|p| p.max_concurrent)),
             max_request_bytes: loosest(parts.iter().map(|p| p.max_request_bytes)),
             max_ctx: loosest(parts.iter().map(|p| p.max_ctx)),
             max_predict: loosest(parts.iter().map(|p| p.max_predict)),

@@ -2,7 +2,7 @@
 //! then forwarding; with the request id, the audit log lines and the metrics that
 //! every request gets.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::Level;
@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
+use crate::addr::{self, Cidr};
 use crate::auth::password::{self, LoginError};
 use crate::auth::{Authenticator, Identity, SubjectKind};
 use crate::config::Config;
@@ -38,6 +39,7 @@ pub struct App {
     ids: RequestIds,
     limiter: RateLimiter,
     concurrency: Concurrency,
+    trusted_proxies: Vec<Cidr>,
     global_max_concurrent: Option<u64>,
     log_prompts: bool,
 }
@@ -54,6 +56,7 @@ impl App {
             ids: RequestIds::new().map_err(|e| format!("no randomness: {e}"))?,
             limiter: RateLimiter::new(config.global_rate_limit),
             concurrency: Concurrency::new(),
+            trusted_proxies: config.trusted_proxies.clone(),
             global_max_concurrent: config.global_max_concurrent,
             log_prompts: config.log_prompts,
         })
@@ -166,7 +169,7 @@ impl App {
                 return 400;
             }
         };
-        let remote = ex.peer().ip();
+        let (remote, _) = self.client_addr(ex);
         if let Err(limited) = self.auth.attempt(&user, remote, Instant::now()) {
             log::warn!(user = user.as_str(), remote = remote.to_string().as_str(),
                 status = 429u16, reason = "rate_limited"; "login refused");
@@ -198,6 +201,21 @@ impl App {
                 401
             }
         }
+    }
+}
+
+impl App {
+    /// The client's address and the `X-Forwarded-For` to send upstream
+    /// (SPEC §8, §11): a trusted proxy's header is believed, others' not.
+    fn client_addr(&self, ex: &Exchange<'_>) -> (IpAddr, String) {
+        let xff: Vec<&str> = ex
+            .head
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("x-forwarded-for"))
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+            .collect();
+        addr::client_ip(ex.peer().ip(), &xff, &self.trusted_proxies)
     }
 }
 
@@ -247,8 +265,14 @@ impl App {
         identity: &Identity,
         class: &Class,
         id: &str,
+        client_ip: IpAddr,
     ) -> Result<Plan<'_>, Stop> {
         let policy = &*identity.grant;
+        if let Some(allowed) = &identity.allow_ips {
+            if !addr::any_contains(allowed, client_ip) {
+                return Err(Refusal::Forbidden.into());
+            }
+        }
         if *class == Class::Butler {
             let _ = ex.respond_json(404, "{\"error\":\"not found\"}\n");
             return Err(Stop::Answered(404, "not found"));
@@ -397,9 +421,10 @@ impl Service for App {
             return;
         }
 
-        let remote = ex.peer().ip().to_string();
+        let (client_ip, forwarded_for) = self.client_addr(ex);
+        let remote = client_ip.to_string();
         let method = ex.head.method.clone();
-        let identity = match self.auth.authenticate(&ex.head, ex.peer().ip()) {
+        let identity = match self.auth.authenticate(&ex.head, client_ip) {
             Ok(identity) => identity,
             Err(failure) => {
                 log::warn!(
@@ -430,14 +455,16 @@ impl Service for App {
         );
 
         let class = routes::classify(&method, &path);
-        let (outcome, model, prompt_sha256) = match self.admit(ex, &identity, &class, &id) {
+        let (outcome, model, prompt_sha256) = match self
+            .admit(ex, &identity, &class, &id, client_ip)
+        {
             Ok(plan) => {
                 let policy = identity.grant.clone();
                 let filter =
                     plan.listing.map(|kind| move |body: &[u8]| policy.filter_listing(kind, body));
                 let outcome = self.proxy.forward(
                     ex,
-                    &Forwarding { request_id: &id, forwarded_for: &remote, proto: "http" },
+                    &Forwarding { request_id: &id, forwarded_for: &forwarded_for, proto: "http" },
                     plan.upload,
                     filter.as_ref().map(|f| f as &dyn Fn(&[u8]) -> Option<Vec<u8>>),
                 );

@@ -3,6 +3,7 @@
 //! The binary's entry point is [`cli::main`]; everything else is internal and
 //! public only so that fuzz targets and benchmarks can reach the pure parsers.
 
+pub mod addr;
 pub mod app;
 pub mod auth;
 pub mod cli;

@@ -513,3 +513,61 @@ fn errors_keep_the_connection_usable() {
     assert_eq!(ok.status, 200);
     assert_eq!(fake.request_count(), 1);
 }
+
+/// `expires` (401, not revealed), `allow_ips` (403 `forbidden`, checked on the client address)
+/// and `trusted_proxies` (whose `X-Forwarded-For` names the client, and is passed on with the
+/// peer appended; anyone else's is neither believed nor forwarded).
+#[test]
+fn expiry_allowed_addresses_and_trusted_proxies() {
+    let fake = FakeOllama::start();
+    let yaml = format!(
+        "listen: \"127.0.0.1:0\"\nupstream: \"{}\"\ntrusted_proxies: [\"127.0.0.1\"]\nclients:\n  \
+         - name: old\n    key: \"sk-expired-1\"\n    expires: 2020-01-01\n    allow_models: [\"*\"]\n  \
+         - name: lan\n    key: \"sk-lan-2\"\n    allow_ips: [\"10.0.0.0/8\"]\n    allow_models: [\"*\"]\n  \
+         - name: later\n    key: \"sk-later-3\"\n    expires: \"2999-01-01T00:00:00Z\"\n    allow_models: [\"*\"]\n",
+        fake.url()
+    );
+    let butler = support::Butler::start(&yaml);
+    let tags = |headers: &[(&str, &str)]| get(butler.addr(), "/api/tags", headers);
+
+    assert_error(&tags(&[("Authorization", "Bearer sk-expired-1")]), 401, "unauthorized");
+    assert_eq!(tags(&[("Authorization", "Bearer sk-later-3")]).status, 200);
+
+    // The peer (127.0.0.1) is a trusted proxy: the client is the right-most untrusted hop.
+    assert_error(&tags(&[("Authorization", "Bearer sk-lan-2")]), 403, "forbidden");
+    let spoofed =
+        [("Authorization", "Bearer sk-lan-2"), ("X-Forwarded-For", "10.1.2.3, 192.0.2.9")];
+    assert_error(&tags(&spoofed), 403, "forbidden");
+    let before = fake.request_count();
+    let via_proxy =
+        [("Authorization", "Bearer sk-lan-2"), ("X-Forwarded-For", "192.0.2.9, 10.1.2.3")];
+    assert_eq!(tags(&via_proxy).status, 200);
+    assert_eq!(fake.request_count(), before + 1);
+    let seen = fake.last_request().unwrap();
+    assert_eq!(seen.headers_named("x-forwarded-for"), ["192.0.2.9, 10.1.2.3, 127.0.0.1"]);
+    let line = butler
+        .wait_log(|l| l["msg"] == "response" && l["client"] == "lan" && l["status"] == 200, WAIT)
+        .expect("response line");
+    assert_eq!(line["remote"], "10.1.2.3");
+}
+
+/// Without `trusted_proxies`, a client's own `X-Forwarded-For` changes nothing and is not
+/// passed on.
+#[test]
+fn an_untrusted_forwarded_for_is_ignored() {
+    let fake = FakeOllama::start();
+    let yaml = config(&fake.url(), "").replace(
+        "clients:\n",
+        "clients:\n  - name: lan\n    key: \"sk-lan-9\"\n    allow_ips: [\"10.0.0.0/8\"]\n    allow_models: [\"*\"]\n",
+    );
+    let butler = support::Butler::start(&yaml);
+    let spoofed = [("Authorization", "Bearer sk-lan-9"), ("X-Forwarded-For", "10.1.2.3")];
+    assert_error(&get(butler.addr(), "/api/tags", &spoofed), 403, "forbidden");
+    let r = get(
+        butler.addr(),
+        "/api/tags",
+        &[("Authorization", &bearer()), ("X-Forwarded-For", "10.1.2.3")],
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(fake.last_request().unwrap().headers_named("x-forwarded-for"), ["127.0.0.1"]);
+}

@@ -10,11 +10,12 @@ pub mod password;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
+use crate::addr::Cidr;
 use crate::config::{AuthMode, Client, Config, sha256};
 use crate::http::Head;
 use crate::limits::RateLimiter;
@@ -35,6 +36,8 @@ pub struct Identity {
     pub key: String,
     /// What it may do.
     pub grant: Arc<Grant>,
+    /// Addresses an API-key client may connect from (`None`: any).
+    pub allow_ips: Option<Arc<[Cidr]>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +61,8 @@ pub enum Failure {
     NoRole,
     /// Too many password checks for this user or address (Basic auth).
     Throttled,
+    /// A client key past its `expires`.
+    Expired,
 }
 
 impl Failure {
@@ -68,6 +73,7 @@ impl Failure {
             Failure::Invalid => "invalid credentials",
             Failure::NoRole => "no role policy matches",
             Failure::Throttled => "too many password attempts",
+            Failure::Expired => "expired client key",
         }
     }
 }
@@ -160,10 +166,10 @@ impl Authenticator {
 
     fn resolve(&self, cred: &Credential, peer: IpAddr) -> Result<Identity, Failure> {
         match cred {
-            Credential::ApiKey(key) => self.client(key).ok_or(Failure::Invalid),
+            Credential::ApiKey(key) => self.client(key).unwrap_or(Err(Failure::Invalid)),
             Credential::Basic { user, password } => {
                 if let Some(identity) = self.client(password) {
-                    return Ok(identity);
+                    return identity;
                 }
                 if self.jwt.is_none() {
                     return Err(Failure::Invalid);
@@ -172,7 +178,7 @@ impl Authenticator {
             }
             Credential::Bearer(token) => {
                 if let Some(identity) = self.client(token) {
-                    return Ok(identity);
+                    return identity;
                 }
                 if !oidc::looks_like_jwt(token) {
                     return Err(Failure::Invalid);
@@ -191,14 +197,21 @@ impl Authenticator {
         }
     }
 
-    fn client(&self, key: &str) -> Option<Identity> {
-        let (name, grant) = self.keys.lookup(key)?;
-        Some(Identity {
-            name: name.to_owned(),
+    /// `None` when no client has this key; an expired client is a failure
+    /// (the same 401: expiry is not revealed).
+    fn client(&self, key: &str) -> Option<Result<Identity, Failure>> {
+        let entry = self.keys.lookup(key)?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        if entry.expires.is_some_and(|t| now >= t) {
+            return Some(Err(Failure::Expired));
+        }
+        Some(Ok(Identity {
+            name: entry.name.clone(),
             kind: SubjectKind::Client,
-            key: format!("client:{name}"),
-            grant: grant.clone(),
-        })
+            key: format!("client:{}", entry.name),
+            grant: entry.grant.clone(),
+            allow_ips: (!entry.allow_ips.is_empty()).then(|| entry.allow_ips.clone()),
+        }))
     }
 
     fn user(&self, name: &str) -> Option<Identity> {
@@ -208,6 +221,7 @@ impl Authenticator {
             kind: SubjectKind::User,
             key: format!("user:{name}"),
             grant: grant.clone(),
+            allow_ips: None,
         })
     }
 
@@ -261,6 +275,7 @@ impl Authenticator {
             kind: SubjectKind::Oidc,
             key: format!("oidc:{}\n{}", subject.issuer, subject.sub),
             grant: Arc::new(Grant::merge(parts)),
+            allow_ips: None,
         })
     }
 
@@ -271,7 +286,15 @@ impl Authenticator {
 
 /// API-key clients, held as SHA-256 digests of their keys.
 pub struct KeyStore {
-    clients: Vec<(String, [u8; 32], Arc<Grant>)>,
+    clients: Vec<KeyEntry>,
+}
+
+struct KeyEntry {
+    name: String,
+    digest: [u8; 32],
+    grant: Arc<Grant>,
+    expires: Option<i64>,
+    allow_ips: Arc<[Cidr]>,
 }
 
 impl KeyStore {
@@ -279,25 +302,29 @@ impl KeyStore {
         KeyStore {
             clients: clients
                 .iter()
-                .map(|c| (c.name.clone(), c.key_sha256, Arc::new(Grant::single(c.policy.clone()))))
+                .map(|c| KeyEntry {
+                    name: c.name.clone(),
+                    digest: c.key_sha256,
+                    grant: Arc::new(Grant::single(c.policy.clone())),
+                    expires: c.expires,
+                    allow_ips: c.allow_ips.clone().into(),
+                })
                 .collect(),
         }
     }
 
     /// The client whose key digest equals the digest of `key`. Every stored
     /// digest is compared, in constant time, whatever matches.
-    fn lookup(&self, key: &str) -> Option<(&str, &Arc<Grant>)> {
-        let i = self.index(key)?;
-        let (name, _, grant) = &self.clients[i];
-        Some((name, grant))
+    fn lookup(&self, key: &str) -> Option<&KeyEntry> {
+        self.index(key).map(|i| &self.clients[i])
     }
 
     fn index(&self, key: &str) -> Option<usize> {
         let digest = sha256(key.as_bytes());
         let mut index = 0u64;
         let mut found = subtle::Choice::from(0);
-        for (i, (_, stored, _)) in self.clients.iter().enumerate() {
-            let hit = stored.ct_eq(&digest);
+        for (i, entry) in self.clients.iter().enumerate() {
+            let hit = entry.digest.ct_eq(&digest);
             index.conditional_assign(&(i as u64), hit);
             found |= hit;
         }
@@ -377,8 +404,9 @@ mod tests {
 
     fn store() -> KeyStore {
         KeyStore::new(&[
-            Client { name: "a".into(), key_sha256: sha256(b"sk-a"), policy: Default::default() },
-            Client { name: "b".into(), key_sha256: sha256(b"sk-b"), policy: Default::default() },
+            client("a", b"sk-a", None),
+            client("b", b"sk-b", None),
+            client("old", b"sk-old", Some(0)),
         ])
     }
 
@@ -396,6 +424,22 @@ mod tests {
             attempt_rate: None,
         };
         auth.authenticate(&head(headers), IpAddr::from([127, 0, 0, 1])).map(|i| i.name)
+    }
+
+    fn client(name: &str, key: &[u8], expires: Option<i64>) -> Client {
+        Client {
+            name: name.into(),
+            key_sha256: sha256(key),
+            expires,
+            allow_ips: Vec::new(),
+            policy: Default::default(),
+        }
+    }
+
+    #[test]
+    fn an_expired_key_is_refused() {
+        assert_eq!(who("Authorization: Bearer sk-old\r\n"), Err(Failure::Expired));
+        assert_eq!(who("x-api-key: sk-old\r\n"), Err(Failure::Expired));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_yaml::Value;
 use sha2::{Digest, Sha256};
 
+use crate::addr::Cidr;
 use crate::auth::oidc::OidcSettings;
 use crate::auth::password::check_hash;
 use crate::limits::Rate;
@@ -39,6 +40,8 @@ pub struct Config {
     pub global_rate_limit: Option<Rate>,
     /// Inference requests in flight upstream at once, across every subject.
     pub global_max_concurrent: Option<u64>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<Cidr>,
     pub clients: Vec<Client>,
     pub auth: Auth,
     pub users: Vec<User>,
@@ -177,6 +180,10 @@ impl Default for Timeouts {
 pub struct Client {
     pub name: String,
     pub key_sha256: [u8; 32],
+    /// Unix time from which the key is refused (401, expiry not revealed).
+    pub expires: Option<i64>,
+    /// Addresses the client may connect from; empty means any (else 403).
+    pub allow_ips: Vec<Cidr>,
     pub policy: Arc<Policy>,
 }
 
@@ -287,6 +294,7 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         })
     });
 
+    let trusted_proxies = read_cidrs(&mut root, "trusted_proxies", env, errs);
     let global_max_concurrent = root.uint("global_max_concurrent", env, errs);
     if global_max_concurrent == Some(0) {
         errs.push("global_max_concurrent", "must be at least 1");
@@ -370,6 +378,7 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         metrics_token,
         global_rate_limit,
         global_max_concurrent,
+        trusted_proxies,
         clients,
         auth,
         users,
@@ -410,6 +419,14 @@ fn read_client(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option
     let name = obj.string("name", env, errs);
     let key = obj.get("key").map(|v| (v, obj.field_path("key")));
     let digest = obj.get("key_sha256").map(|v| (v, obj.field_path("key_sha256")));
+    let expires = obj.string("expires", env, errs).and_then(|s| match parse_expiry(&s) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            errs.push(&obj.field_path("expires"), e);
+            None
+        }
+    });
+    let allow_ips = read_cidrs(&mut obj, "allow_ips", env, errs);
     let policy = read_policy(&mut obj, env, errs);
     obj.finish(errs);
 
@@ -451,7 +468,96 @@ fn read_client(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option
             None
         }
     };
-    Some(Client { name: name?, key_sha256: key_sha256?, policy: Arc::new(policy) })
+    Some(Client {
+        name: name?,
+        key_sha256: key_sha256?,
+        expires,
+        allow_ips,
+        policy: Arc::new(policy),
+    })
+}
+
+fn read_cidrs(obj: &mut Obj, key: &'static str, env: Env, errs: &mut Errors) -> Vec<Cidr> {
+    let mut out = Vec::new();
+    for (raw, path) in obj.strings(key, env, errs) {
+        match Cidr::parse(&raw) {
+            Ok(c) => out.push(c),
+            Err(e) => errs.push(&path, e),
+        }
+    }
+    out
+}
+
+/// Parses `expires`: a date (`2027-01-31`, the key stops working at the
+/// start of that day, UTC) or an RFC 3339 time (`2027-01-31T18:00:00+01:00`).
+/// YAML may also hand over a date it read itself; both arrive as text.
+pub fn parse_expiry(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let bad = || format!("invalid date {s:?} (use 2027-01-31 or 2027-01-31T18:00:00Z)");
+    let num = |t: &str| -> Result<i64, String> {
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        t.parse().map_err(|_| bad())
+    };
+    let (date, time) = match s.find(['T', 't', ' ']) {
+        Some(i) => (&s[..i], Some(&s[i + 1..])),
+        None => (s, None),
+    };
+    let mut parts = date.split('-');
+    let (Some(y), Some(m), Some(d), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return Err(bad());
+    }
+    let (y, m, d) = (num(y)?, num(m)?, num(d)?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&m) || d < 1 || d > month_days[(m - 1) as usize] {
+        return Err(bad());
+    }
+    let mut secs = days_from_civil(y, m as u32, d as u32) * 86_400;
+    if let Some(time) = time {
+        let (clock, offset) = if let Some(c) = time.strip_suffix(['Z', 'z']) {
+            (c, 0)
+        } else {
+            let i = time.rfind(['+', '-']).ok_or_else(bad)?;
+            let (c, o) = time.split_at(i);
+            let (oh, om) = o[1..].split_once(':').ok_or_else(bad)?;
+            let (oh, om) = (num(oh)?, num(om)?);
+            if oh > 23 || om > 59 {
+                return Err(bad());
+            }
+            let sign = if o.starts_with('-') { -1 } else { 1 };
+            (c, sign * (oh * 3600 + om * 60))
+        };
+        let clock = clock.split('.').next().unwrap_or_default();
+        let mut hms = clock.split(':');
+        let (Some(h), Some(mi), Some(se), None) = (hms.next(), hms.next(), hms.next(), hms.next())
+        else {
+            return Err(bad());
+        };
+        let (h, mi, se) = (num(h)?, num(mi)?, num(se)?);
+        if h > 23 || mi > 59 || se > 60 {
+            return Err(bad());
+        }
+        secs += h * 3600 + mi * 60 + se - offset;
+    }
+    Ok(secs)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 fn read_auth(value: &Value, env: Env, errs: &mut Errors) -> Auth {
@@ -918,6 +1024,36 @@ mod tests {
         assert!(has("clients[0].rate_limit: invalid rate"), "{errs:?}");
         assert!(has("clients[0].max_ctx: expected a non-negative integer"), "{errs:?}");
         assert_eq!(errs.len(), 6, "{errs:?}");
+    }
+
+    #[test]
+    fn expiry_dates() {
+        assert_eq!(parse_expiry("1970-01-02"), Ok(86_400));
+        assert_eq!(parse_expiry("2027-01-31"), Ok(1_801_353_600));
+        assert_eq!(parse_expiry("2027-01-31T00:00:00Z"), Ok(1_801_353_600));
+        assert_eq!(parse_expiry("2027-01-31T01:00:00+01:00"), Ok(1_801_353_600));
+        assert_eq!(parse_expiry("2027-01-30T23:30:00.5-00:30"), Ok(1_801_353_600));
+        assert_eq!(parse_expiry("2024-02-29"), Ok(1_709_164_800));
+        for bad in [
+            "",
+            "2027-02-30",
+            "2027-13-01",
+            "27-01-01",
+            "2027-01-31T25:00:00Z",
+            "tomorrow",
+            "2027-01-31T10:00:00",
+            "2027-01-31T10:00Z",
+        ] {
+            assert!(parse_expiry(bad).is_err(), "{bad}");
+        }
+        let c = parse("upstream: http://h:1\ntrusted_proxies: [\"127.0.0.1\"]\nclients:\n  - {name: a, key: k, expires: 2027-01-31, allow_ips: [\"10.0.0.0/8\"]}\n").unwrap();
+        assert_eq!(c.clients[0].expires, Some(1_801_353_600));
+        assert_eq!(c.clients[0].allow_ips.len(), 1);
+        assert_eq!(c.trusted_proxies.len(), 1);
+        let errs = parse("upstream: http://h:1\ntrusted_proxies: [\"x\"]\nclients:\n  - {name: a, key: k, expires: soon, allow_ips: [\"10.0.0.1/8\"]}\n").unwrap_err();
+        assert!(errs.iter().any(|e| e.starts_with("trusted_proxies[0]: ")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("clients[0].expires: invalid date")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("clients[0].allow_ips[0]: ")), "{errs:?}");
     }
 
     #[test]

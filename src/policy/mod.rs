@@ -84,6 +84,8 @@ fn first_line(s: &str) -> &str {
 /// status and body and to a `butler_requests_rejected_total` reason.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {
+    /// A client connecting from outside its `allow_ips`.
+    Forbidden,
     EndpointNotAllowed,
     RateLimited {
         retry_after_secs: u64,
@@ -117,9 +119,10 @@ pub enum Refusal {
 impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
-            Refusal::EndpointNotAllowed | Refusal::ModelDenied | Refusal::PromptRejected { .. } => {
-                403
-            }
+            Refusal::Forbidden
+            | Refusal::EndpointNotAllowed
+            | Refusal::ModelDenied
+            | Refusal::PromptRejected { .. } => 403,
             Refusal::RateLimited { .. } | Refusal::TooManyConcurrent => 429,
             Refusal::Busy => 503,
             Refusal::TooLarge | Refusal::BodyTooLarge => 413,
@@ -133,6 +136,7 @@ impl Refusal {
     /// The `error` text of the JSON body.
     pub fn message(&self) -> String {
         match self {
+            Refusal::Forbidden => "forbidden".into(),
             Refusal::EndpointNotAllowed => "endpoint not allowed".into(),
             Refusal::RateLimited { .. } => "rate limit exceeded".into(),
             Refusal::TooManyConcurrent => "too many concurrent requests".into(),
@@ -160,6 +164,7 @@ impl Refusal {
     /// The `reason` label of `butler_requests_rejected_total`.
     pub fn reason(&self) -> &'static str {
         match self {
+            Refusal::Forbidden => "forbidden",
             Refusal::EndpointNotAllowed => "endpoint_not_allowed",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::TooManyConcurrent | Refusal::Busy => "concurrency_limited",

@@ -17,6 +17,7 @@ use crate::addr::{self, Cidr};
 use crate::auth::password::{self, LoginError};
 use crate::auth::{Authenticator, Identity, SubjectKind};
 use crate::config::Config;
+use crate::cors::{Cors, Preflight};
 use crate::health::Health;
 use crate::http::exchange::BodyError;
 use crate::http::head::Framing;
@@ -39,6 +40,7 @@ pub struct App {
     ids: RequestIds,
     limiter: RateLimiter,
     concurrency: Concurrency,
+    cors: Cors,
     trusted_proxies: Vec<Cidr>,
     global_max_concurrent: Option<u64>,
     log_prompts: bool,
@@ -56,6 +58,7 @@ impl App {
             ids: RequestIds::new().map_err(|e| format!("no randomness: {e}"))?,
             limiter: RateLimiter::new(config.global_rate_limit),
             concurrency: Concurrency::new(),
+            cors: config.cors.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
             global_max_concurrent: config.global_max_concurrent,
             log_prompts: config.log_prompts,
@@ -205,6 +208,41 @@ impl App {
 }
 
 impl App {
+    /// CORS (SPEC §11): answers a preflight (returning its status), or marks
+    /// every response to an allowed origin. Other origins get no CORS headers,
+    /// so browsers refuse to read the answers.
+    fn cors(&self, ex: &mut Exchange<'_>) -> Option<u16> {
+        if ex.head.header_count("origin") != 1 {
+            return None;
+        }
+        let origin = ex.head.header("origin")?.trim().to_owned();
+        let preflight = ex.head.method == "OPTIONS"
+            && ex.head.header("access-control-request-method").is_some();
+        if !preflight {
+            if self.cors.allows(&origin) {
+                ex.add_header("Access-Control-Allow-Origin", origin);
+                ex.add_header("Vary", "Origin".to_owned());
+            }
+            return None;
+        }
+        let requested = ex.head.header("access-control-request-headers").map(str::to_owned);
+        match self.cors.preflight(&origin, requested.as_deref()) {
+            Preflight::Allowed(headers) => {
+                for (name, value) in headers {
+                    ex.add_header(name, value);
+                }
+                let _ = ex.respond(204, &[], b"");
+                Some(204)
+            }
+            Preflight::Denied => {
+                log::warn!(origin = origin.as_str(), status = 403u16, reason = "forbidden"; "preflight refused");
+                self.metrics.rejected("", "forbidden");
+                let _ = ex.respond_json(403, "{\"error\":\"origin not allowed\"}\n");
+                Some(403)
+            }
+        }
+    }
+
     /// The client's address and the `X-Forwarded-For` to send upstream
     /// (SPEC §8, §11): a trusted proxy's header is believed, others' not.
     fn client_addr(&self, ex: &Exchange<'_>) -> (IpAddr, String) {
@@ -414,6 +452,13 @@ impl Service for App {
         ex.add_header("X-Request-Id", id.clone());
         let path = ex.head.target.path.clone();
         let route = routes::template(&path);
+
+        if self.cors.is_configured() {
+            if let Some(status) = self.cors(ex) {
+                self.metrics.request("", "", route, status, start.elapsed());
+                return;
+            }
+        }
 
         if let Some(public) = routes::public(&path) {
             let status = self.public(ex, public);

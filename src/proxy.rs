@@ -217,7 +217,9 @@ impl Proxy {
             .iter()
             .filter(|(name, _)| {
                 let n = name.as_str();
-                !DROP_RESPONSE.contains(&n) && !connection_listed.iter().any(|c| c == n)
+                !DROP_RESPONSE.contains(&n)
+                    && !connection_listed.iter().any(|c| c == n)
+                    && !ex.sets_header(n)
             })
             .map(|(name, value)| (name.as_str(), value.as_bytes()))
             .collect();

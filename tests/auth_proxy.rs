@@ -571,3 +571,72 @@ fn an_untrusted_forwarded_for_is_ignored() {
     assert_eq!(r.status, 200);
     assert_eq!(fake.last_request().unwrap().headers_named("x-forwarded-for"), ["127.0.0.1"]);
 }
+
+/// CORS (SPEC §11): preflights from allowed origins are answered before authentication, other
+/// origins get 403 without CORS headers, and allowed origins see `Access-Control-Allow-Origin` on
+/// every response, errors included. Without `cors`, `OPTIONS` is an ordinary request.
+#[test]
+fn cors_preflights_and_allowed_origins() {
+    let fake = FakeOllama::start();
+    let butler = start(&fake, "cors: { allowed_origins: [\"https://chat.example.org\"] }\n");
+    let preflight = |origin: &str| {
+        request(
+            butler.addr(),
+            "OPTIONS",
+            "/v1/chat/completions",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+                ("Access-Control-Request-Headers", "authorization, content-type, x-stainless-os"),
+            ],
+            b"",
+        )
+    };
+    let ok = preflight("https://chat.example.org");
+    assert_eq!(ok.status, 204, "{}", ok.body_str());
+    assert_eq!(ok.header("access-control-allow-origin"), Some("https://chat.example.org"));
+    let allowed = ok.header("access-control-allow-headers").unwrap().to_ascii_lowercase();
+    for h in ["authorization", "content-type", "x-api-key", "openai-beta", "x-stainless-os"] {
+        assert!(allowed.contains(h), "{h} missing from {allowed}");
+    }
+    assert!(ok.header("access-control-allow-methods").unwrap().contains("POST"));
+    assert!(ok.body.is_empty());
+
+    let denied = preflight("https://evil.example");
+    assert_error(&denied, 403, "origin not allowed");
+    assert!(
+        denied.headers.iter().all(|(n, _)| !n.to_ascii_lowercase().starts_with("access-control"))
+    );
+
+    // Errors carry the header too, so the browser app can read them.
+    let unauth = get(butler.addr(), "/api/tags", &[("Origin", "https://chat.example.org")]);
+    assert_error(&unauth, 401, "unauthorized");
+    assert_eq!(unauth.header("access-control-allow-origin"), Some("https://chat.example.org"));
+    let auth = bearer();
+    let fine = get(
+        butler.addr(),
+        "/api/tags",
+        &[("Origin", "https://chat.example.org"), ("Authorization", &auth)],
+    );
+    assert_eq!(fine.status, 200);
+    assert_eq!(fine.headers_named("access-control-allow-origin"), ["https://chat.example.org"]);
+    let other = get(
+        butler.addr(),
+        "/api/tags",
+        &[("Origin", "https://evil.example"), ("Authorization", &auth)],
+    );
+    assert_eq!(other.status, 200);
+    assert_eq!(other.header("access-control-allow-origin"), None);
+    assert_eq!(fake.request_count(), 2, "preflights never reach the upstream");
+
+    // Without `cors`, OPTIONS needs credentials like anything else.
+    let plain = start(&fake, "");
+    let r = request(
+        plain.addr(),
+        "OPTIONS",
+        "/api/tags",
+        &[("Origin", "https://chat.example.org"), ("Access-Control-Request-Method", "GET")],
+        b"",
+    );
+    assert_error(&r, 401, "unauthorized");
+}

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::addr::Cidr;
 use crate::auth::oidc::OidcSettings;
 use crate::auth::password::check_hash;
+use crate::cors::Cors;
 use crate::limits::Rate;
 use crate::policy::model::{ModelAcl, Pattern};
 use crate::policy::{KeepAliveCap, Policy, PromptFilter};
@@ -42,6 +43,8 @@ pub struct Config {
     pub global_max_concurrent: Option<u64>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<Cidr>,
+    /// Browser origins allowed to call butler (empty: no CORS handling).
+    pub cors: Cors,
     pub clients: Vec<Client>,
     pub auth: Auth,
     pub users: Vec<User>,
@@ -295,6 +298,20 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
     });
 
     let trusted_proxies = read_cidrs(&mut root, "trusted_proxies", env, errs);
+    let mut cors = Cors::default();
+    if let Some(v) = root.get("cors") {
+        let mut obj = Obj::new(v, "cors", errs);
+        let origins = obj.strings("allowed_origins", env, errs);
+        obj.finish(errs);
+        let mut list = Vec::new();
+        for (origin, path) in origins {
+            match Cors::check_origin(&origin) {
+                Ok(()) => list.push(origin),
+                Err(e) => errs.push(&path, e),
+            }
+        }
+        cors = Cors::new(list);
+    }
     let global_max_concurrent = root.uint("global_max_concurrent", env, errs);
     if global_max_concurrent == Some(0) {
         errs.push("global_max_concurrent", "must be at least 1");
@@ -379,6 +396,7 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         global_rate_limit,
         global_max_concurrent,
         trusted_proxies,
+        cors,
         clients,
         auth,
         users,

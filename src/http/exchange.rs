@@ -157,6 +157,12 @@ impl<'c> Exchange<'c> {
         self.extra.push((name, value));
     }
 
+    /// Whether butler sets header `name` itself (an upstream copy must then
+    /// be dropped, or the client would see it twice).
+    pub fn sets_header(&self, name: &str) -> bool {
+        self.extra.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+    }
+
     fn fail(&mut self, e: BodyError) -> io::Error {
         self.body_error.get_or_insert(e);
         self.keep_alive = false;

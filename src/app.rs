@@ -3,6 +3,7 @@
 //! every request gets.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::Level;
@@ -31,15 +32,19 @@ use crate::policy::model::ModelName;
 use crate::proxy::{Forwarding, Outcome, Proxy, Upload};
 use crate::routes::{self, Class, Listing, Public};
 
+/// The request pipeline for one configuration. A reload builds a new one;
+/// requests in flight finish under the one they started with. State that
+/// must outlive a reload (metrics, rate-limit windows, requests in flight,
+/// the request-id generator) is shared between them.
 pub struct App {
     metrics_token: Option<String>,
     auth: Authenticator,
     proxy: Proxy,
     health: Health,
-    metrics: Metrics,
-    ids: RequestIds,
-    limiter: RateLimiter,
-    concurrency: Concurrency,
+    metrics: Arc<Metrics>,
+    ids: Arc<RequestIds>,
+    limiter: Arc<RateLimiter>,
+    concurrency: Arc<Concurrency>,
     cors: Cors,
     trusted_proxies: Vec<Cidr>,
     global_max_concurrent: Option<u64>,
@@ -48,21 +53,38 @@ pub struct App {
 
 impl App {
     /// Builds the pipeline; with OIDC this contacts the identity provider.
-    pub fn new(config: &Config) -> Result<App, String> {
+    /// `previous` (on a reload) hands over the state that survives reloads.
+    pub fn new(config: &Config, previous: Option<&App>) -> Result<App, String> {
+        let (metrics, ids, limiter, concurrency) = match previous {
+            Some(p) => {
+                p.limiter.set_global(config.global_rate_limit);
+                (p.metrics.clone(), p.ids.clone(), p.limiter.clone(), p.concurrency.clone())
+            }
+            None => (
+                Arc::new(Metrics::new()),
+                Arc::new(RequestIds::new().map_err(|e| format!("no randomness: {e}"))?),
+                Arc::new(RateLimiter::new(config.global_rate_limit)),
+                Arc::new(Concurrency::new()),
+            ),
+        };
         Ok(App {
             metrics_token: config.metrics_token.clone(),
-            auth: Authenticator::new(config)?,
+            auth: Authenticator::new(config, previous.map(|p| &p.auth))?,
             proxy: Proxy::new(config.upstream.clone(), &config.timeouts),
             health: Health::new(&config.upstream),
-            metrics: Metrics::new(),
-            ids: RequestIds::new().map_err(|e| format!("no randomness: {e}"))?,
-            limiter: RateLimiter::new(config.global_rate_limit),
-            concurrency: Concurrency::new(),
+            metrics,
+            ids,
+            limiter,
+            concurrency,
             cors: config.cors.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
             global_max_concurrent: config.global_max_concurrent,
             log_prompts: config.log_prompts,
         })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     fn public(&self, ex: &mut Exchange<'_>, route: Public) -> u16 {

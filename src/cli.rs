@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::app::App;
 use crate::config::Config;
 use crate::http::{Options, Server};
+use crate::reload::Live;
 
 const USAGE: &str = "\
 butler — access-control reverse proxy for Ollama
@@ -115,7 +116,9 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
     }
 }
 
-fn load(path: &str) -> Result<Config, Vec<String>> {
+/// Reads the configuration with the `BUTLER_*` overrides (at startup and
+/// on every reload).
+pub(crate) fn load(path: &str) -> Result<Config, Vec<String>> {
     let env = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
     let mut config = Config::load(path)?;
     config.apply_env_overrides(&env)?;
@@ -177,8 +180,8 @@ fn run(path: &str) -> i32 {
             return 1;
         }
     };
-    let app = match App::new(&config) {
-        Ok(a) => Arc::new(a),
+    let app = match App::new(&config, None) {
+        Ok(a) => Arc::new(Live::new(a, &config, path)),
         Err(e) => {
             eprintln!("butler: startup failed: {e}");
             return 1;
@@ -194,14 +197,18 @@ fn run(path: &str) -> i32 {
         shutdown_drain: t.shutdown_drain,
     };
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let server = match Server::new(listener, opts, app) {
+    let server = match Server::new(listener, opts, app.clone()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("butler: startup failed: {e}");
             return 1;
         }
     };
-    if let Err(e) = watch_signals(server.shutdown_handle()) {
+    if let Err(e) = app.watch_file() {
+        eprintln!("butler: cannot start the config watcher: {e}");
+        return 1;
+    }
+    if let Err(e) = watch_signals(server.shutdown_handle(), app.clone()) {
         eprintln!("butler: cannot install signal handlers: {e}");
         return 1;
     }
@@ -217,11 +224,16 @@ fn run(path: &str) -> i32 {
 }
 
 /// SIGTERM/SIGINT start a graceful shutdown; a second one exits at once.
-fn watch_signals(handle: crate::http::ShutdownHandle) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+/// SIGHUP reloads the configuration.
+fn watch_signals(handle: crate::http::ShutdownHandle, live: Arc<Live>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new().name("butler-signals".into()).spawn(move || {
         for signal in signals.forever() {
+            if signal == SIGHUP {
+                live.reload("SIGHUP");
+                continue;
+            }
             if handle.is_triggered() {
                 log::warn!(signal = signal; "second signal, exiting now");
                 std::process::exit(1);

@@ -256,7 +256,7 @@ pub struct RateLimiter {
     /// before the limiter was built are not all squashed onto the same time.
     base: OnceLock<Instant>,
     subjects: Mutex<Subjects>,
-    global: Option<Mutex<Window>>,
+    global: Mutex<Option<Window>>,
 }
 
 struct Subjects {
@@ -276,7 +276,16 @@ impl RateLimiter {
         RateLimiter {
             base: OnceLock::new(),
             subjects: Mutex::new(Subjects { map: HashMap::new(), sweep_at: SWEEP_MIN }),
-            global: global.map(|rate| Mutex::new(Window::new(rate))),
+            global: Mutex::new(global.map(Window::new)),
+        }
+    }
+
+    /// Changes the global limit (a config reload). Its state carries over
+    /// when the rate is unchanged, and starts afresh under a new rate.
+    pub fn set_global(&self, rate: Option<Rate>) {
+        let mut global = lock(&self.global);
+        if global.as_ref().map(|w| w.rate) != rate {
+            *global = rate.map(Window::new);
         }
     }
 
@@ -308,12 +317,12 @@ impl RateLimiter {
                 subjects.map.remove(subject);
             }
         }
-        let mut global = self.global.as_ref().map(lock);
-        if let Some(g) = &global {
+        let mut global = lock(&self.global);
+        if let Some(g) = global.as_ref() {
             g.admit(now).map_err(refused)?;
         }
 
-        if let Some(g) = &mut global {
+        if let Some(g) = global.as_mut() {
             g.record(now);
         }
         if let Some(rate) = rate {
@@ -825,5 +834,23 @@ mod tests {
         assert!(c.in_flight.lock().unwrap().is_empty(), "idle keys leave no entry");
         assert!(c.try_acquire("z", 0).is_none());
         assert!(c.in_flight.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_global_limit_can_change_and_keeps_state_when_unchanged() {
+        let t0 = Instant::now();
+        let two = Rate::parse("2/min").unwrap();
+        let l = RateLimiter::new(two);
+        assert!(l.check("a", None, t0).is_ok());
+        assert!(l.check("b", None, t0).is_ok());
+        assert!(l.check("c", None, t0).is_err());
+        l.set_global(two);
+        assert!(l.check("c", None, t0).is_err(), "same rate: state carries over");
+        l.set_global(Rate::parse("3/min").unwrap());
+        assert!(l.check("c", None, t0).is_ok(), "new rate: fresh window");
+        l.set_global(None);
+        for _ in 0..10 {
+            assert!(l.check("c", None, t0).is_ok());
+        }
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Most label sets per metric family.
@@ -49,6 +49,8 @@ struct Families {
 pub struct Metrics {
     families: Mutex<Families>,
     in_flight: AtomicI64,
+    /// Config reloads: [success, failure].
+    reloads: [AtomicU64; 2],
 }
 
 /// Keeps `client` as a label value unless the family is full and it is new.
@@ -68,7 +70,11 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        Metrics { families: Mutex::new(Families::default()), in_flight: AtomicI64::new(0) }
+        Metrics {
+            families: Mutex::new(Families::default()),
+            in_flight: AtomicI64::new(0),
+            reloads: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Families> {
@@ -106,6 +112,11 @@ impl Metrics {
         let key =
             bounded(&f.rejected, (client.to_owned(), reason), || ("other".to_owned(), reason));
         *f.rejected.entry(key).or_insert(0) += 1;
+    }
+
+    /// Counts a configuration reload by its result.
+    pub fn reloaded(&self, ok: bool) {
+        self.reloads[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn upstream_first_byte(&self, took: Duration) {
@@ -181,6 +192,14 @@ impl Metrics {
         header(&mut out, "butler_in_flight_requests", "gauge", "Requests being served.");
         let _ =
             writeln!(out, "butler_in_flight_requests {}", self.in_flight.load(Ordering::Relaxed));
+        header(&mut out, "butler_config_reloads_total", "counter", "Configuration reloads.");
+        for (result, n) in ["success", "failure"].iter().zip(&self.reloads) {
+            let _ = writeln!(
+                out,
+                "butler_config_reloads_total{{result=\"{result}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
         header(&mut out, "butler_build_info", "gauge", "Build information.");
         let _ = writeln!(
             out,

@@ -21,7 +21,7 @@ use crate::http::Head;
 use crate::limits::RateLimiter;
 use crate::policy::{Grant, Policy};
 use jwt::JwtIssuer;
-use oidc::Oidc;
+use oidc::{Oidc, OidcSettings};
 use password::Passwords;
 
 /// Who a request was authenticated as.
@@ -99,7 +99,8 @@ pub struct Authenticator {
     users: HashMap<String, Arc<Grant>>,
     passwords: Passwords,
     jwt: Option<JwtIssuer>,
-    oidc: Option<Arc<Oidc>>,
+    /// The verifier and the settings it was started with.
+    oidc: Option<(OidcSettings, Arc<Oidc>)>,
     roles: Vec<(String, Arc<Policy>)>,
     /// Password checks (logins and Basic auth) per user name and per address.
     attempts: RateLimiter,
@@ -109,11 +110,17 @@ pub struct Authenticator {
 impl Authenticator {
     /// Builds every source the configuration uses. With OIDC this contacts
     /// the identity provider, and fails if it cannot (fail closed).
-    pub fn new(config: &Config) -> Result<Authenticator, String> {
+    /// `previous` (on a reload) lends its OIDC verifier when the settings are
+    /// unchanged, so a reload neither refetches keys nor depends on the IdP.
+    pub fn new(config: &Config, previous: Option<&Authenticator>) -> Result<Authenticator, String> {
         let mode = config.auth.mode;
         let users_used = mode.uses_users() && !config.users.is_empty();
         let oidc = match (&config.auth.oidc, mode.uses_oidc()) {
-            (Some(settings), true) => Some(Oidc::start(settings.clone())?),
+            (Some(settings), true) => match previous.and_then(|p| p.oidc.as_ref()) {
+                Some((old, same)) if old == settings => Some(same.clone()),
+                _ => Some(Oidc::start(settings.clone())?),
+            }
+            .map(|o| (settings.clone(), o)),
             _ => None,
         };
         let jwt = match (&config.auth.jwt_secret, users_used) {
@@ -190,7 +197,7 @@ impl Authenticator {
                     return self.user(&user).ok_or(Failure::Invalid);
                 }
                 match &self.oidc {
-                    Some(oidc) => self.oidc_subject(oidc, token),
+                    Some((_, oidc)) => self.oidc_subject(oidc, token),
                     None => Err(Failure::Invalid),
                 }
             }

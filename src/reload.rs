@@ -1,0 +1,171 @@
+//! Configuration reload (SPEC §11): SIGHUP or a change of the file builds a
+//! new pipeline and swaps it in. A bad new configuration is refused with an
+//! error log and the old one keeps serving; requests in flight finish under
+//! the pipeline they started with; rate-limit state of unchanged subjects,
+//! requests in flight and metrics carry over.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use crate::app::App;
+use crate::config::Config;
+use crate::http::{Exchange, Service};
+
+/// How often the file is checked for changes.
+const POLL: Duration = Duration::from_secs(1);
+
+/// The live pipeline, swapped atomically on reload.
+pub struct Live {
+    current: RwLock<Arc<App>>,
+    path: String,
+    /// What the running configuration was loaded from, to tell a real change
+    /// from a touch, and the settings a reload cannot change.
+    loaded: Mutex<Loaded>,
+}
+
+struct Loaded {
+    digest: [u8; 32],
+    stamp: Option<(SystemTime, u64)>,
+    fixed: Fixed,
+}
+
+/// Settings bound at startup (the socket, the thread pool, the intake's
+/// timeouts, the logger): a reload reports their change but cannot apply it.
+#[derive(Debug, Clone, PartialEq)]
+struct Fixed {
+    listen: String,
+    workers: usize,
+    timeouts: crate::config::Timeouts,
+    log_format: crate::config::LogFormat,
+}
+
+impl Fixed {
+    fn of(c: &Config) -> Fixed {
+        Fixed {
+            listen: c.listen.clone(),
+            workers: c.workers,
+            timeouts: c.timeouts,
+            log_format: c.log_format,
+        }
+    }
+
+    fn changed(&self, new: &Fixed) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.listen != new.listen {
+            out.push("listen");
+        }
+        if self.workers != new.workers {
+            out.push("workers");
+        }
+        if self.timeouts != new.timeouts {
+            out.push("timeouts");
+        }
+        if self.log_format != new.log_format {
+            out.push("log_format");
+        }
+        out
+    }
+}
+
+fn stamp(path: &str) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn digest_of(path: &str) -> Option<[u8; 32]> {
+    std::fs::read(path).ok().map(|bytes| Sha256::digest(&bytes).into())
+}
+
+impl Live {
+    pub fn new(app: App, config: &Config, path: &str) -> Live {
+        Live {
+            current: RwLock::new(Arc::new(app)),
+            path: path.to_owned(),
+            loaded: Mutex::new(Loaded {
+                digest: digest_of(path).unwrap_or_default(),
+                stamp: stamp(path),
+                fixed: Fixed::of(config),
+            }),
+        }
+    }
+
+    fn current(&self) -> Arc<App> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Loads the file again and swaps in a new pipeline; on any error the
+    /// running one stays. `why` names the trigger for the log.
+    pub fn reload(&self, why: &str) -> bool {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current();
+        let result = crate::cli::load(&self.path)
+            .and_then(|c| App::new(&c, Some(&old)).map(|app| (c, app)).map_err(|e| vec![e]));
+        match result {
+            Ok((config, app)) => {
+                let fixed = Fixed::of(&config);
+                let ignored = loaded.fixed.changed(&fixed);
+                if !ignored.is_empty() {
+                    log::warn!(settings:% = ignored.join(", ");
+                        "config reload: these settings need a restart to change");
+                }
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(app);
+                loaded.digest = digest_of(&self.path).unwrap_or_default();
+                loaded.stamp = stamp(&self.path);
+                old.metrics().reloaded(true);
+                log::info!(trigger = why, path = self.path.as_str(); "config reloaded");
+                true
+            }
+            Err(errors) => {
+                // Not retried until the file changes again.
+                loaded.digest = digest_of(&self.path).unwrap_or_default();
+                loaded.stamp = stamp(&self.path);
+                old.metrics().reloaded(false);
+                log::error!(trigger = why, path = self.path.as_str(),
+                    errors:% = errors.join("; "); "config reload failed; keeping the running config");
+                false
+            }
+        }
+    }
+
+    /// Whether the file's content differs from what was last loaded. The
+    /// cheap stamp (mtime, size) is checked first; content decides, so a
+    /// touch or an editor's rewrite of the same bytes reloads nothing.
+    fn changed_on_disk(&self) -> bool {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        let now = stamp(&self.path);
+        if now.is_none() || now == loaded.stamp {
+            return false;
+        }
+        loaded.stamp = now;
+        digest_of(&self.path).is_some_and(|d| d != loaded.digest)
+    }
+
+    /// Starts the thread that reloads when the file changes.
+    pub fn watch_file(self: &Arc<Live>) -> std::io::Result<()> {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new().name("butler-config".into()).spawn(move || {
+            loop {
+                std::thread::sleep(POLL);
+                let Some(live) = weak.upgrade() else { return };
+                if live.changed_on_disk() {
+                    live.reload("file changed");
+                }
+            }
+        })?;
+        Ok(())
+    }
+}
+
+impl Service for Live {
+    fn handle(&self, ex: &mut Exchange<'_>) {
+        // This request keeps its pipeline until it ends, whatever reloads.
+        self.current().handle(ex);
+    }
+
+    fn refused(&self, peer: SocketAddr, status: u16, reason: &str) {
+        self.current().refused(peer, status, reason);
+    }
+}

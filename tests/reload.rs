@@ -1,0 +1,135 @@
+//! Configuration reload (SPEC §11): SIGHUP and a change of the file apply a new configuration;
+//! a bad one is refused and the old one keeps serving; requests in flight finish under the
+//! policy they started with; rate-limit state of unchanged subjects carries over.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::setup::{WAIT, assert_error};
+use support::{Behavior, Butler, FakeOllama, StreamingResponse, get, request};
+
+fn yaml(upstream: &str, clients: &str) -> String {
+    format!("listen: \"127.0.0.1:0\"\nupstream: \"{upstream}\"\nclients:\n{clients}")
+}
+
+const A: &str =
+    "  - name: a\n    key: \"sk-reload-a\"\n    allow_models: [\"*\"]\n    rate_limit: 2/min\n";
+const B: &str = "  - name: b\n    key: \"sk-reload-b\"\n    allow_models: [\"llama3.2\"]\n";
+
+fn tags(butler: &Butler, key: &str) -> support::Response {
+    get(butler.addr(), "/api/tags", &[("Authorization", &format!("Bearer {key}"))])
+}
+
+/// Polls `f` until it returns true or `WAIT` passes.
+fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn reloads(butler: &Butler, result: &str) -> String {
+    let text = get(butler.addr(), "/metrics", &[]).body_str();
+    let line = format!("butler_config_reloads_total{{result=\"{result}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(line.as_str())).unwrap_or("missing").to_owned()
+}
+
+#[test]
+fn sighup_applies_a_new_config_and_keeps_rate_limit_state() {
+    let fake = FakeOllama::start();
+    let butler = Butler::start(&yaml(&fake.url(), A));
+    assert_eq!(tags(&butler, "sk-reload-a").status, 200);
+    assert_eq!(tags(&butler, "sk-reload-a").status, 200);
+    assert_error(&tags(&butler, "sk-reload-a"), 429, "rate limit exceeded");
+    assert_error(&tags(&butler, "sk-reload-b"), 401, "unauthorized");
+
+    butler.rewrite_config(&yaml(&fake.url(), &format!("{A}{B}")));
+    let mark = butler.log_mark();
+    butler.sighup();
+    assert!(butler.wait_log_since(mark, |l| l["msg"] == "config reloaded", WAIT).is_some());
+    assert_eq!(tags(&butler, "sk-reload-b").status, 200, "the new client is known");
+    // `a` is unchanged: its window carried over.
+    assert_error(&tags(&butler, "sk-reload-a"), 429, "rate limit exceeded");
+    // The file watcher may have reloaded the same change before the signal did.
+    assert!(["1", "2"].contains(&reloads(&butler, "success").as_str()));
+    assert_eq!(reloads(&butler, "failure"), "0");
+}
+
+#[test]
+fn a_changed_file_is_picked_up_and_a_bad_one_refused() {
+    let fake = FakeOllama::start();
+    let butler = Butler::start(&yaml(&fake.url(), B));
+    let chat = |model: &str| {
+        let body = format!(r#"{{"model":"{model}","prompt":"hi"}}"#);
+        request(
+            butler.addr(),
+            "POST",
+            "/api/generate",
+            &[("Authorization", "Bearer sk-reload-b")],
+            body.as_bytes(),
+        )
+    };
+    assert_error(&chat("qwen2.5"), 403, "model not allowed");
+
+    // Without any signal: the watcher notices the new content.
+    let wider = B.replace("[\"llama3.2\"]", "[\"llama3.2\", \"qwen2.5\"]");
+    butler.rewrite_config(&yaml(&fake.url(), &wider));
+    assert!(eventually(|| chat("qwen2.5").status == 200), "the file change was not applied");
+
+    // A broken file is refused; the running config stays.
+    let mark = butler.log_mark();
+    butler.rewrite_config(&yaml(&fake.url(), &format!("{wider}    deny_model: [x]\n")));
+    let failed = butler
+        .wait_log_since(
+            mark,
+            |l| l["msg"].as_str().is_some_and(|m| m.starts_with("config reload failed")),
+            WAIT,
+        )
+        .expect("a reload failure is logged");
+    assert!(
+        failed["errors"].as_str().unwrap().contains("unknown field \"deny_model\""),
+        "{failed}"
+    );
+    assert_eq!(chat("qwen2.5").status, 200);
+    assert_eq!(reloads(&butler, "failure"), "1");
+    assert!(butler.is_running());
+}
+
+#[test]
+fn a_request_in_flight_finishes_under_its_policy() {
+    let fake = FakeOllama::start_with(Behavior {
+        token_delay: Duration::from_millis(200),
+        tokens: 4,
+        ..Behavior::default()
+    });
+    let butler = Butler::start(&yaml(&fake.url(), B));
+    let mut stream = StreamingResponse::open(
+        butler.addr(),
+        "POST",
+        "/api/chat",
+        &[("Authorization", "Bearer sk-reload-b")],
+        br#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(stream.status, 200);
+    // The client loses the model while its stream runs.
+    let mark = butler.log_mark();
+    butler.rewrite_config(&yaml(&fake.url(), &B.replace("llama3.2", "qwen2.5")));
+    butler.sighup();
+    assert!(butler.wait_log_since(mark, |l| l["msg"] == "config reloaded", WAIT).is_some());
+    let body = String::from_utf8(stream.read_to_end(WAIT)).unwrap();
+    assert_eq!(stream.end(), Some(support::StreamEnd::Clean));
+    assert!(body.contains("\"done\":true"), "{body}");
+    let again = request(
+        butler.addr(),
+        "POST",
+        "/api/chat",
+        &[("Authorization", "Bearer sk-reload-b")],
+        br#"{"model":"llama3.2","messages":[]}"#,
+    );
+    assert_error(&again, 403, "model not allowed");
+}

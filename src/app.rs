@@ -328,10 +328,10 @@ impl App {
         client_ip: IpAddr,
     ) -> Result<Plan<'_>, Stop> {
         let policy = &*identity.grant;
-        if let Some(allowed) = &identity.allow_ips {
-            if !addr::any_contains(allowed, client_ip) {
-                return Err(Refusal::Forbidden.into());
-            }
+        if let Some(allowed) = &identity.allow_ips
+            && !addr::any_contains(allowed, client_ip)
+        {
+            return Err(Refusal::Forbidden.into());
         }
         if *class == Class::Butler {
             let _ = ex.respond_json(404, "{\"error\":\"not found\"}\n");
@@ -475,11 +475,11 @@ impl Service for App {
         let path = ex.head.target.path.clone();
         let route = routes::template(&path);
 
-        if self.cors.is_configured() {
-            if let Some(status) = self.cors(ex) {
-                self.metrics.request("", "", route, status, start.elapsed());
-                return;
-            }
+        if self.cors.is_configured()
+            && let Some(status) = self.cors(ex)
+        {
+            self.metrics.request("", "", route, status, start.elapsed());
+            return;
         }
 
         if let Some(public) = routes::public(&path) {

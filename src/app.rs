@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::addr::{self, Cidr};
 use crate::auth::password::{self, LoginError};
 use crate::auth::{Authenticator, Identity, SubjectKind};
+use crate::budget::Ledger;
 use crate::config::Config;
 use crate::cors::{Cors, Preflight};
 use crate::health::Health;
@@ -45,6 +46,8 @@ pub struct App {
     ids: Arc<RequestIds>,
     limiter: Arc<RateLimiter>,
     concurrency: Arc<Concurrency>,
+    ledger: Arc<Ledger>,
+    state_file: Option<String>,
     cors: Cors,
     trusted_proxies: Vec<Cidr>,
     global_max_concurrent: Option<u64>,
@@ -55,16 +58,21 @@ impl App {
     /// Builds the pipeline; with OIDC this contacts the identity provider.
     /// `previous` (on a reload) hands over the state that survives reloads.
     pub fn new(config: &Config, previous: Option<&App>) -> Result<App, String> {
-        let (metrics, ids, limiter, concurrency) = match previous {
+        let (metrics, ids, limiter, concurrency, ledger) = match previous {
             Some(p) => {
                 p.limiter.set_global(config.global_rate_limit);
-                (p.metrics.clone(), p.ids.clone(), p.limiter.clone(), p.concurrency.clone())
+                let ledger = p.ledger.clone();
+                (p.metrics.clone(), p.ids.clone(), p.limiter.clone(), p.concurrency.clone(), ledger)
             }
             None => (
                 Arc::new(Metrics::new()),
                 Arc::new(RequestIds::new().map_err(|e| format!("no randomness: {e}"))?),
                 Arc::new(RateLimiter::new(config.global_rate_limit)),
                 Arc::new(Concurrency::new()),
+                Arc::new(match &config.state_file {
+                    Some(path) => Ledger::load(path)?,
+                    None => Ledger::new(),
+                }),
             ),
         };
         Ok(App {
@@ -76,6 +84,8 @@ impl App {
             ids,
             limiter,
             concurrency,
+            ledger,
+            state_file: config.state_file.clone(),
             cors: config.cors.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
             global_max_concurrent: config.global_max_concurrent,
@@ -85,6 +95,45 @@ impl App {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Writes the token-budget counters to `state_file`, if one is set and
+    /// anything changed.
+    pub fn save_state(&self) {
+        if let Some(path) = &self.state_file {
+            if let Err(e) = self.ledger.save(path) {
+                log::error!(path = path.as_str(), error:% = e; "cannot write the state file");
+            }
+        }
+    }
+
+    /// `GET /butler/usage` (SPEC §9): the caller's own usage and limits.
+    fn usage_report(&self, ex: &mut Exchange<'_>, identity: &Identity) -> u16 {
+        let grant = &identity.grant;
+        let used = self.ledger.used(&identity.key, unix_now());
+        let window =
+            |used: u64, limit: Option<u64>| serde_json::json!({"used": used, "limit": limit});
+        let requests = match grant.rate_limit {
+            Some(rate) => serde_json::json!({
+                "used": self.limiter.used(&identity.key, rate, Instant::now()),
+                "limit": rate.count,
+                "window": crate::limits::window_text(rate.window),
+            }),
+            None => serde_json::json!({"used": used.requests, "limit": null, "window": "1m"}),
+        };
+        let body = serde_json::json!({
+            "subject": identity.name,
+            "tokens": {
+                "minute": window(used.minute, grant.token_budget.per_minute),
+                "day": window(used.day, grant.token_budget.per_day),
+                "month": window(used.month, grant.token_budget.per_month),
+            },
+            "requests": requests,
+        })
+        .to_string()
+            + "\n";
+        let _ = ex.respond_json(200, &body);
+        200
     }
 
     fn public(&self, ex: &mut Exchange<'_>, route: Public) -> u16 {
@@ -279,6 +328,11 @@ impl App {
     }
 }
 
+/// Seconds since the Unix epoch (budgets use the UTC calendar).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// Largest `/auth/login` body (SPEC §5).
 const MAX_LOGIN_BODY: usize = 4096;
 
@@ -333,9 +387,17 @@ impl App {
         {
             return Err(Refusal::Forbidden.into());
         }
-        if *class == Class::Butler {
-            let _ = ex.respond_json(404, "{\"error\":\"not found\"}\n");
-            return Err(Stop::Answered(404, "not found"));
+        if *class == Class::Usage {
+            if ex.head.method != "GET" && ex.head.method != "HEAD" {
+                let _ = ex.respond(
+                    405,
+                    &[("Content-Type", b"application/json"), ("Allow", b"GET, HEAD")],
+                    b"{\"error\":\"method not allowed\"}\n",
+                );
+                return Err(Stop::Answered(405, "method not allowed"));
+            }
+            let status = self.usage_report(ex, identity);
+            return Err(Stop::Answered(status, "usage report"));
         }
         if class.needs_manage() && !policy.allow_manage {
             return Err(Refusal::EndpointNotAllowed.into());
@@ -343,6 +405,7 @@ impl App {
         self.limiter
             .check(&identity.key, policy.rate_limit, Instant::now())
             .map_err(|l| Refusal::RateLimited { retry_after_secs: l.retry_after_secs() })?;
+        self.ledger.request(&identity.key, unix_now());
         let mut slots = Vec::new();
         if let Some(max) = policy.max_concurrent {
             let max = usize::try_from(max).unwrap_or(usize::MAX);
@@ -410,6 +473,12 @@ impl App {
         };
         let request = inspect::inspect(kind, &body).map_err(Refusal::BadRequest)?;
         let verdict = policy.judge(&request)?;
+        if kind.is_inference() {
+            // Token budgets gate inference only (SPEC §7.5, §9).
+            self.ledger
+                .check(&identity.key, &policy.token_budget, unix_now())
+                .map_err(|secs| Refusal::BudgetExceeded { retry_after_secs: secs })?;
+        }
         plan.model = verdict.models.first().map(|m| m.short().to_owned());
         if kind.is_inference() {
             let mut hasher = Sha256::new();

@@ -204,7 +204,7 @@ fn run(path: &str) -> i32 {
             return 1;
         }
     };
-    if let Err(e) = app.watch_file() {
+    if let Err(e) = app.watch_file().and_then(|()| app.save_periodically()) {
         eprintln!("butler: cannot start the config watcher: {e}");
         return 1;
     }
@@ -219,6 +219,7 @@ fn run(path: &str) -> i32 {
         "listening"
     );
     server.run();
+    app.save_state();
     log::info!("stopped");
     0
 }

@@ -6,6 +6,7 @@
 pub mod addr;
 pub mod app;
 pub mod auth;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod cors;

@@ -238,6 +238,21 @@ impl Window {
         }
     }
 
+    /// Admissions counted against the window at `now` (for `/butler/usage`).
+    fn count(&self, now: u64) -> u64 {
+        match &self.kind {
+            Kind::Log(times) => {
+                times.iter().filter(|t| t.saturating_add(self.len) > now).count() as u64
+            }
+            Kind::Buckets(b) => {
+                let now = now.max(self.newest);
+                let first = now.saturating_sub(self.len) / b.width;
+                let lo = first.max(b.head.saturating_sub(SLOTS as u64 - 1));
+                (lo..=b.head).map(|j| u64::from(b.counts[(j % SLOTS as u64) as usize])).sum()
+            }
+        }
+    }
+
     /// An entry whose newest admission has left its window admits exactly what a fresh entry
     /// would, so dropping it changes nothing but the memory it held.
     fn is_idle(&self, now: u64) -> bool {
@@ -341,6 +356,16 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// How many of `subject`'s requests count against its `rate` at `now`.
+    pub fn used(&self, subject: &str, rate: Rate, now: Instant) -> u64 {
+        let Some(base) = self.base.get() else { return 0 };
+        let now =
+            u64::try_from(now.saturating_duration_since(*base).as_nanos()).unwrap_or(u64::MAX);
+        lock(&self.subjects).map.get(subject).filter(|w| w.rate == rate).map_or(0, |w| w.count(now))
+    }
+}
+
 impl Subjects {
     /// Adds a new subject's window, first dropping idle entries if the map has grown enough to
     /// make that worthwhile, so memory follows the number of recently active subjects rather
@@ -356,6 +381,19 @@ impl Subjects {
         let mut w = Window::new(rate);
         w.record(now);
         self.map.insert(subject.to_owned(), w);
+    }
+}
+
+/// A window as a short duration (`1m`, `1h`, `1d`, `30s`), as
+/// `/butler/usage` reports it.
+pub fn window_text(window: Duration) -> String {
+    let s = window.as_secs();
+    match s {
+        0 => format!("{}ms", window.as_millis()),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     }
 }
 
@@ -852,5 +890,18 @@ mod tests {
         for _ in 0..10 {
             assert!(l.check("c", None, t0).is_ok());
         }
+    }
+
+    #[test]
+    fn used_counts_admissions_in_the_window() {
+        let t0 = Instant::now();
+        let rate = Rate::parse("3/s").unwrap().unwrap();
+        let l = RateLimiter::new(None);
+        assert_eq!(l.used("a", rate, t0), 0);
+        l.check("a", Some(rate), t0).unwrap();
+        l.check("a", Some(rate), t0 + Duration::from_millis(500)).unwrap();
+        assert_eq!(l.used("a", rate, t0 + Duration::from_millis(600)), 2);
+        assert_eq!(l.used("a", rate, t0 + Duration::from_millis(1200)), 1);
+        assert_eq!(l.used("a", Rate::parse("9/s").unwrap().unwrap(), t0), 0, "another rate");
     }
 }

@@ -16,6 +16,8 @@ use crate::http::{Exchange, Service};
 
 /// How often the file is checked for changes.
 const POLL: Duration = Duration::from_secs(1);
+/// How often token-budget counters are written to `state_file`.
+const SAVE_EVERY: Duration = Duration::from_secs(5);
 
 /// The live pipeline, swapped atomically on reload.
 pub struct Live {
@@ -141,6 +143,25 @@ impl Live {
         }
         loaded.stamp = now;
         digest_of(&self.path).is_some_and(|d| d != loaded.digest)
+    }
+
+    /// Writes the token-budget counters (SPEC §9: at least every 10 s and
+    /// at shutdown).
+    pub fn save_state(&self) {
+        self.current().save_state();
+    }
+
+    /// Starts the thread that saves the counters every few seconds.
+    pub fn save_periodically(self: &Arc<Live>) -> std::io::Result<()> {
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new().name("butler-state".into()).spawn(move || {
+            loop {
+                std::thread::sleep(SAVE_EVERY);
+                let Some(live) = weak.upgrade() else { return };
+                live.save_state();
+            }
+        })?;
+        Ok(())
     }
 
     /// Starts the thread that reloads when the file changes.

@@ -84,9 +84,9 @@ pub enum Class {
     Listing(Listing),
     /// `GET`/`HEAD` `/` and `/api/version`: authentication is enough.
     Info,
-    /// Routes butler will answer itself once they exist (`/butler/usage`);
-    /// never forwarded.
-    Butler,
+    /// `GET /butler/usage`: the caller's own usage and limits (SPEC §9);
+    /// answered by butler, never forwarded.
+    Usage,
     /// Needs `allow_manage`; `Some` when the body names models.
     Management(Option<Kind>),
     /// Anything else: `allow_manage` required.
@@ -135,7 +135,7 @@ pub fn classify(method: &str, path: &str) -> Class {
         "/api/tags" | "/api/ps" if read => Class::Listing(Listing::Ollama),
         "/v1/models" if read => Class::Listing(Listing::OpenAi),
         "/" | "/api/version" if read => Class::Info,
-        "/butler/usage" => Class::Butler,
+        "/butler/usage" => Class::Usage,
         _ if one_segment_after(path, "/api/blobs/") => Class::Management(None),
         _ if read && one_segment_after(path, "/v1/models/") => {
             Class::ModelInfoPath(path["/v1/models/".len()..].to_owned())

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::addr::Cidr;
 use crate::auth::oidc::OidcSettings;
 use crate::auth::password::check_hash;
+use crate::budget::TokenBudget;
 use crate::cors::Cors;
 use crate::limits::Rate;
 use crate::policy::model::{ModelAcl, Pattern};
@@ -45,6 +46,8 @@ pub struct Config {
     pub trusted_proxies: Vec<Cidr>,
     /// Browser origins allowed to call butler (empty: no CORS handling).
     pub cors: Cors,
+    /// Where token-budget counters are kept across restarts.
+    pub state_file: Option<String>,
     pub clients: Vec<Client>,
     pub auth: Auth,
     pub users: Vec<User>,
@@ -298,6 +301,7 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
     });
 
     let trusted_proxies = read_cidrs(&mut root, "trusted_proxies", env, errs);
+    let state_file = root.string("state_file", env, errs);
     let mut cors = Cors::default();
     if let Some(v) = root.get("cors") {
         let mut obj = Obj::new(v, "cors", errs);
@@ -397,6 +401,7 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         global_max_concurrent,
         trusted_proxies,
         cors,
+        state_file,
         clients,
         auth,
         users,
@@ -777,6 +782,15 @@ pub(crate) fn read_policy(obj: &mut Obj, env: Env, errs: &mut Errors) -> Policy 
                 None
             }
         });
+    let mut token_budget = TokenBudget::default();
+    if let Some(v) = obj.get("token_budget") {
+        let path = obj.field_path("token_budget");
+        let mut b = Obj::new(v, &path, errs);
+        token_budget.per_minute = b.uint("per_minute", env, errs);
+        token_budget.per_day = b.uint("per_day", env, errs);
+        token_budget.per_month = b.uint("per_month", env, errs);
+        b.finish(errs);
+    }
     let sources: Vec<(String, String)> = obj.strings("deny_prompt_patterns", env, errs);
     let mut compiled = Vec::new();
     for (source, path) in sources {
@@ -798,6 +812,7 @@ pub(crate) fn read_policy(obj: &mut Obj, env: Env, errs: &mut Errors) -> Policy 
         max_ctx,
         max_predict,
         max_keep_alive,
+        token_budget,
         prompts,
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use regex::{RegexSet, RegexSetBuilder};
 
+use crate::budget::TokenBudget;
 use crate::inspect::{self, Json, Limit, Num, Request};
 use crate::limits::Rate;
 use crate::routes::Listing;
@@ -30,6 +31,7 @@ pub struct Policy {
     pub max_predict: Option<u64>,
     /// Ceiling on `keep_alive`, with its configured spelling for messages.
     pub max_keep_alive: Option<KeepAliveCap>,
+    pub token_budget: TokenBudget,
     pub prompts: PromptFilter,
 }
 
@@ -111,6 +113,9 @@ pub enum Refusal {
     KeepAliveExceeded {
         limit: String,
     },
+    BudgetExceeded {
+        retry_after_secs: u64,
+    },
     PromptRejected {
         pattern: String,
     },
@@ -123,7 +128,9 @@ impl Refusal {
             | Refusal::EndpointNotAllowed
             | Refusal::ModelDenied
             | Refusal::PromptRejected { .. } => 403,
-            Refusal::RateLimited { .. } | Refusal::TooManyConcurrent => 429,
+            Refusal::RateLimited { .. }
+            | Refusal::TooManyConcurrent
+            | Refusal::BudgetExceeded { .. } => 429,
             Refusal::Busy => 503,
             Refusal::TooLarge | Refusal::BodyTooLarge => 413,
             Refusal::BadRequest(_)
@@ -140,6 +147,7 @@ impl Refusal {
             Refusal::EndpointNotAllowed => "endpoint not allowed".into(),
             Refusal::RateLimited { .. } => "rate limit exceeded".into(),
             Refusal::TooManyConcurrent => "too many concurrent requests".into(),
+            Refusal::BudgetExceeded { .. } => "token budget exceeded".into(),
             Refusal::Busy => "server busy".into(),
             Refusal::TooLarge => "request too large".into(),
             Refusal::BodyTooLarge => "request body too large".into(),
@@ -168,6 +176,7 @@ impl Refusal {
             Refusal::EndpointNotAllowed => "endpoint_not_allowed",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::TooManyConcurrent | Refusal::Busy => "concurrency_limited",
+            Refusal::BudgetExceeded { .. } => "budget_exceeded",
             Refusal::TooLarge | Refusal::BodyTooLarge => "too_large",
             Refusal::BadRequest(_) => "bad_request",
             Refusal::ModelDenied => "model_denied",
@@ -205,6 +214,7 @@ pub struct Grant {
     pub max_ctx: Option<u64>,
     pub max_predict: Option<u64>,
     pub max_keep_alive: Option<KeepAliveCap>,
+    pub token_budget: TokenBudget,
 }
 
 /// The largest of optional caps, where `None` (no cap) is the largest.
@@ -248,6 +258,11 @@ impl Grant {
             max_request_bytes: loosest(parts.iter().map(|p| p.max_request_bytes)),
             max_ctx: loosest(parts.iter().map(|p| p.max_ctx)),
             max_predict: loosest(parts.iter().map(|p| p.max_predict)),
+            token_budget: TokenBudget {
+                per_minute: loosest(parts.iter().map(|p| p.token_budget.per_minute)),
+                per_day: loosest(parts.iter().map(|p| p.token_budget.per_day)),
+                per_month: loosest(parts.iter().map(|p| p.token_budget.per_month)),
+            },
             max_keep_alive: if parts.iter().any(|p| p.max_keep_alive.is_none()) {
                 None
             } else {

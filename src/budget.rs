@@ -1,0 +1,302 @@
+//! Token budgets (SPEC §9): tokens each subject used per minute (sliding),
+//! per UTC day and per UTC month, charged after each response from what
+//! Ollama reports; a subject that has reached a budget is refused until the
+//! window resets. Counters survive restarts through `state_file`.
+//!
+//! Pure bookkeeping over explicit times (Unix seconds), so every rule is
+//! unit-tested without clocks; the pipeline supplies `now`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// `token_budget` of a policy: tokens (prompt + completion) per window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenBudget {
+    pub per_minute: Option<u64>,
+    pub per_day: Option<u64>,
+    pub per_month: Option<u64>,
+}
+
+impl TokenBudget {
+    pub fn is_empty(&self) -> bool {
+        self.per_minute.is_none() && self.per_day.is_none() && self.per_month.is_none()
+    }
+}
+
+/// Most subjects whose usage is kept; beyond it the longest-idle ones are
+/// dropped first (OIDC subjects are not bounded by the configuration).
+const MAX_ACCOUNTS: usize = 100_000;
+/// Most entries in one minute window (one per second at most).
+const MINUTE: u64 = 60;
+
+/// Usage of one subject.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+struct Account {
+    /// (second, tokens) charged in the last minute, oldest first.
+    minute: VecDeque<(u64, u64)>,
+    /// (day number since 1970-01-01 UTC, tokens).
+    day: (u64, u64),
+    /// (year * 12 + month - 1, tokens).
+    month: (u64, u64),
+    /// Seconds of requests admitted in the last minute (for `/butler/usage`).
+    #[serde(default)]
+    requests: VecDeque<u64>,
+    last_seen: u64,
+}
+
+/// How much of each window a subject has used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Used {
+    pub minute: u64,
+    pub day: u64,
+    pub month: u64,
+    /// Requests admitted in the last minute.
+    pub requests: u64,
+}
+
+impl Account {
+    fn expire(&mut self, now: u64) {
+        while self.minute.front().is_some_and(|(t, _)| t + MINUTE <= now) {
+            self.minute.pop_front();
+        }
+        while self.requests.front().is_some_and(|t| t + MINUTE <= now) {
+            self.requests.pop_front();
+        }
+        if self.day.0 != day_of(now) {
+            self.day = (day_of(now), 0);
+        }
+        if self.month.0 != month_of(now) {
+            self.month = (month_of(now), 0);
+        }
+    }
+
+    fn used(&mut self, now: u64) -> Used {
+        self.expire(now);
+        Used {
+            minute: self.minute.iter().map(|(_, n)| n).sum(),
+            day: self.day.1,
+            month: self.month.1,
+            requests: self.requests.len() as u64,
+        }
+    }
+}
+
+fn day_of(secs: u64) -> u64 {
+    secs / 86_400
+}
+
+/// Months since year 0 of the UTC date of `secs`.
+fn month_of(secs: u64) -> u64 {
+    let (y, m, _) = crate::logging::civil_from_days(day_of(secs) as i64);
+    (y.max(0) as u64) * 12 + u64::from(m) - 1
+}
+
+/// First second of the month after month index `m`.
+fn next_month_start(m: u64) -> u64 {
+    let next = m + 1;
+    let (y, month) = ((next / 12) as i64, (next % 12) as u32 + 1);
+    (days_from_civil(y, month, 1).max(0) as u64) * 86_400
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Every subject's usage.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    accounts: Mutex<HashMap<String, Account>>,
+    dirty: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    subjects: HashMap<String, Account>,
+}
+
+impl Ledger {
+    pub fn new() -> Ledger {
+        Ledger::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Account>> {
+        self.accounts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `Err(seconds)` when `key` has reached one of its budgets: how long
+    /// until the window that refuses resets (the longest if several do).
+    pub fn check(&self, key: &str, budget: &TokenBudget, now: u64) -> Result<(), u64> {
+        if budget.is_empty() {
+            return Ok(());
+        }
+        let mut accounts = self.lock();
+        let Some(account) = accounts.get_mut(key) else { return Ok(()) };
+        let used = account.used(now);
+        let mut wait = 0;
+        if budget.per_month.is_some_and(|limit| used.month >= limit) {
+            wait = wait.max(next_month_start(account.month.0).saturating_sub(now));
+        }
+        if budget.per_day.is_some_and(|limit| used.day >= limit) {
+            wait = wait.max((account.day.0 + 1) * 86_400 - now);
+        }
+        if let Some(limit) = budget.per_minute.filter(|l| used.minute >= *l) {
+            // Until enough of the minute's charges have aged out.
+            let mut left = used.minute;
+            for (t, n) in &account.minute {
+                left -= n;
+                if left < limit {
+                    wait = wait.max(t + MINUTE - now);
+                    break;
+                }
+            }
+        }
+        if wait == 0 { Ok(()) } else { Err(wait.max(1)) }
+    }
+
+    /// Records an admitted request (for the `requests` part of the usage).
+    pub fn request(&self, key: &str, now: u64) {
+        let mut accounts = self.lock();
+        let account = account(&mut accounts, key, now);
+        account.expire(now);
+        account.requests.push_back(now);
+    }
+
+    /// Charges `tokens` to `key` after a response.
+    pub fn charge(&self, key: &str, tokens: u64, now: u64) {
+        if tokens == 0 {
+            return;
+        }
+        let mut accounts = self.lock();
+        let account = account(&mut accounts, key, now);
+        account.expire(now);
+        match account.minute.back_mut() {
+            Some((t, n)) if *t == now => *n += tokens,
+            _ => account.minute.push_back((now, tokens)),
+        }
+        account.day.1 += tokens;
+        account.month.1 += tokens;
+        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn used(&self, key: &str, now: u64) -> Used {
+        self.lock().get_mut(key).map(|a| a.used(now)).unwrap_or_default()
+    }
+
+    /// Writes the counters to `path` atomically (a temporary file renamed
+    /// over it), if anything changed since the last save.
+    pub fn save(&self, path: &str) -> std::io::Result<()> {
+        if !self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let state = StateFile { version: 1, subjects: self.lock().clone() };
+        let text = serde_json::to_vec(&state).map_err(std::io::Error::other)?;
+        let tmp = format!("{path}.tmp");
+        let result = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+        if result.is_err() {
+            self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Reads counters saved by [`Ledger::save`]. A missing file is a fresh
+    /// start; an unreadable one is an error (the operator must look).
+    pub fn load(path: &str) -> Result<Ledger, String> {
+        let ledger = Ledger::new();
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let state: StateFile = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("state file {path} is not valid: {e}"))?;
+                *ledger.lock() = state.subjects;
+                Ok(ledger)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ledger),
+            Err(e) => Err(format!("cannot read state file {path}: {e}")),
+        }
+    }
+}
+
+fn account<'a>(accounts: &'a mut HashMap<String, Account>, key: &str, now: u64) -> &'a mut Account {
+    if !accounts.contains_key(key) && accounts.len() >= MAX_ACCOUNTS {
+        // Forget the subject seen longest ago (its windows have likely reset).
+        if let Some(oldest) =
+            accounts.iter().min_by_key(|(_, a)| a.last_seen).map(|(k, _)| k.clone())
+        {
+            accounts.remove(&oldest);
+        }
+    }
+    let account = accounts.entry(key.to_owned()).or_default();
+    account.last_seen = now;
+    account
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_801_353_600; // 2027-01-31T00:00:00Z
+
+    #[test]
+    fn minute_budget_slides() {
+        let l = Ledger::new();
+        let b = TokenBudget { per_minute: Some(100), ..TokenBudget::default() };
+        assert_eq!(l.check("a", &b, T0), Ok(()));
+        l.charge("a", 60, T0);
+        l.charge("a", 50, T0 + 10);
+        assert_eq!(l.check("a", &b, T0 + 20), Err(40), "until the first charge ages out");
+        assert_eq!(l.check("a", &b, T0 + 60), Ok(()));
+        assert_eq!(l.used("a", T0 + 60).minute, 50);
+        assert_eq!(l.check("b", &b, T0), Ok(()), "subjects are separate");
+    }
+
+    #[test]
+    fn day_and_month_reset_on_the_utc_calendar() {
+        let l = Ledger::new();
+        let b = TokenBudget { per_day: Some(10), per_month: Some(25), ..TokenBudget::default() };
+        l.charge("a", 10, T0 + 3600);
+        assert_eq!(l.check("a", &b, T0 + 7200), Err(86_400 - 7200));
+        assert_eq!(l.check("a", &b, T0 + 86_400), Ok(()));
+        l.charge("a", 15, T0 + 86_400 + 5);
+        // 2027-02-01: the month of January is used up until Feb 1 00:00... which it now is.
+        let used = l.used("a", T0 + 86_400 + 6);
+        assert_eq!((used.day, used.month), (15, 15), "a new month started on Feb 1");
+        // Within one month: 2027-02-01 + 15 -> 30 tokens over 25.
+        l.charge("a", 15, T0 + 2 * 86_400);
+        let feb_end = days_from_civil(2027, 3, 1) as u64 * 86_400;
+        assert_eq!(l.check("a", &b, T0 + 2 * 86_400 + 1), Err(feb_end - (T0 + 2 * 86_400 + 1)));
+    }
+
+    #[test]
+    fn months() {
+        assert_eq!(next_month_start(month_of(T0)), T0 + 86_400);
+        let dec = days_from_civil(2026, 12, 15) as u64 * 86_400;
+        assert_eq!(next_month_start(month_of(dec)), days_from_civil(2027, 1, 1) as u64 * 86_400);
+    }
+
+    #[test]
+    fn state_survives_a_restart() {
+        let dir = std::env::temp_dir().join(format!("butler-ledger-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.json");
+        let path = path.to_str().unwrap();
+        let l = Ledger::new();
+        l.charge("user:alice", 42, T0);
+        l.request("user:alice", T0);
+        l.save(path).unwrap();
+        let again = Ledger::load(path).unwrap();
+        assert_eq!(again.used("user:alice", T0 + 1).day, 42);
+        assert_eq!(again.used("user:alice", T0 + 1).requests, 1);
+        std::fs::write(path, b"{oops").unwrap();
+        assert!(Ledger::load(path).is_err());
+        assert!(Ledger::load(dir.join("missing.json").to_str().unwrap()).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

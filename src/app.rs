@@ -30,8 +30,9 @@ use crate::logging;
 use crate::metrics::Metrics;
 use crate::policy::Refusal;
 use crate::policy::model::ModelName;
-use crate::proxy::{Forwarding, Outcome, Proxy, Upload};
+use crate::proxy::{Forwarding, Outcome, Proxy, Respond, Upload};
 use crate::routes::{self, Class, Listing, Public};
+use crate::usage::{Format, Tap};
 
 /// The request pipeline for one configuration. A reload builds a new one;
 /// requests in flight finish under the one they started with. State that
@@ -100,10 +101,10 @@ impl App {
     /// Writes the token-budget counters to `state_file`, if one is set and
     /// anything changed.
     pub fn save_state(&self) {
-        if let Some(path) = &self.state_file {
-            if let Err(e) = self.ledger.save(path) {
-                log::error!(path = path.as_str(), error:% = e; "cannot write the state file");
-            }
+        if let Some(path) = &self.state_file
+            && let Err(e) = self.ledger.save(path)
+        {
+            log::error!(path = path.as_str(), error:% = e; "cannot write the state file");
         }
     }
 
@@ -328,6 +329,22 @@ impl App {
     }
 }
 
+/// How a route reports token usage (SPEC §9); `/api/embeddings` reports none.
+fn usage_format(class: &Class, kind: inspect::Kind) -> Option<Format> {
+    use inspect::Kind;
+    if !matches!(class, Class::Inference(_)) {
+        return None;
+    }
+    match kind {
+        Kind::OllamaGenerate => Some(Format::OllamaGenerate),
+        Kind::OllamaEmbed => Some(Format::OllamaEmbed),
+        Kind::OpenAiGenerate | Kind::OpenAiEmbed => Some(Format::OpenAi),
+        Kind::Messages => Some(Format::Anthropic),
+        Kind::Responses => Some(Format::Responses),
+        Kind::ModelOnly | Kind::Copy | Kind::Create => None,
+    }
+}
+
 /// Seconds since the Unix epoch (budgets use the UTC calendar).
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -354,6 +371,9 @@ struct Plan<'a> {
     model: Option<String>,
     /// Digest of the inspected prompt text (audits without the text).
     prompt_sha256: Option<String>,
+    /// How to read token counts from the response, and whether to hide the
+    /// usage chunk butler asked for on the client's behalf.
+    tap: Option<(Format, bool)>,
 }
 
 /// Why a request goes no further.
@@ -441,6 +461,7 @@ impl App {
             listing: None,
             model: None,
             prompt_sha256: None,
+            tap: None,
         };
         match class {
             Class::ModelInfoPath(raw) => {
@@ -502,7 +523,22 @@ impl App {
                 );
             }
         }
-        plan.upload = Upload::Bytes(verdict.body.unwrap_or(body));
+        let mut forwarded = verdict.body;
+        plan.tap = usage_format(class, kind).map(|format| (format, false));
+        if class == &Class::Inference(inspect::Kind::OpenAiGenerate)
+            && ex.head.target.path == "/v1/chat/completions"
+        {
+            // Ask Ollama for the usage chunk, and hide it from this client.
+            let current = match &forwarded {
+                Some(bytes) => inspect::parse_object(bytes).ok(),
+                None => Some(request.body.clone()),
+            };
+            if let Some(with_usage) = current.as_ref().and_then(inspect::include_usage) {
+                forwarded = Some(with_usage.to_bytes());
+                plan.tap = Some((Format::OpenAi, true));
+            }
+        }
+        plan.upload = Upload::Bytes(forwarded.unwrap_or(body));
         Ok(plan)
     }
 }
@@ -598,15 +634,27 @@ impl Service for App {
                 let policy = identity.grant.clone();
                 let filter =
                     plan.listing.map(|kind| move |body: &[u8]| policy.filter_listing(kind, body));
+                let respond = match &filter {
+                    Some(f) => Respond::Rewrite(f as &dyn Fn(&[u8]) -> Option<Vec<u8>>),
+                    None => Respond::Stream(
+                        plan.tap.map(|(format, hide)| Box::new(Tap::new(format, hide))),
+                    ),
+                };
                 let outcome = self.proxy.forward(
                     ex,
                     &Forwarding { request_id: &id, forwarded_for: &forwarded_for, proto: "http" },
                     plan.upload,
-                    filter.as_ref().map(|f| f as &dyn Fn(&[u8]) -> Option<Vec<u8>>),
+                    respond,
                 );
                 // A streamed upload cut at max_request_bytes (SPEC §7.3).
                 if outcome.error == Some("request too large") {
                     self.metrics.rejected(client, "too_large");
+                }
+                if let Some(usage) = outcome.usage {
+                    // Charged after the response; a running stream is never cut (SPEC §9).
+                    self.ledger.charge(&identity.key, usage.prompt + usage.completion, unix_now());
+                    let model = plan.model.as_deref().unwrap_or("");
+                    self.metrics.tokens(client, model, usage.prompt, usage.completion);
                 }
                 (outcome, plan.model, plan.prompt_sha256)
             }
@@ -636,16 +684,16 @@ impl Service for App {
                 let body = refusal.body();
                 let retry;
                 let mut headers: Vec<(&str, &[u8])> = vec![("Content-Type", b"application/json")];
-                if let Refusal::RateLimited { retry_after_secs } = refusal {
+                if let Refusal::RateLimited { retry_after_secs }
+                | Refusal::BudgetExceeded { retry_after_secs } = refusal
+                {
                     retry = retry_after_secs.to_string();
                     headers.push(("Retry-After", retry.as_bytes()));
                 }
                 let _ = ex.respond(status, &headers, body.as_bytes());
-                (Outcome { status, upstream_first_byte: None, error: None }, None, None)
+                (Outcome::new(status, None), None, None)
             }
-            Err(Stop::Answered(status, error)) => {
-                (Outcome { status, upstream_first_byte: None, error: Some(error) }, None, None)
-            }
+            Err(Stop::Answered(status, error)) => (Outcome::new(status, Some(error)), None, None),
         };
 
         let duration = start.elapsed();
@@ -664,6 +712,10 @@ impl Service for App {
             ("ttfb_ms", Value::from(ttfb_ms)),
             ("bytes", Value::from(ex.bytes_sent)),
         ]);
+        if let Some(usage) = outcome.usage {
+            fields.push(("prompt_tokens", Value::from(usage.prompt)));
+            fields.push(("completion_tokens", Value::from(usage.completion)));
+        }
         if let Some(digest) = &prompt_sha256 {
             fields.push(("prompt_sha256", Value::from(digest.as_str())));
         }

@@ -567,6 +567,31 @@ fn collect_texts(value: &Json, out: &mut Vec<String>) {
     }
 }
 
+/// For a streamed `/v1/chat/completions` whose client did not ask for usage:
+/// the body with `stream_options.include_usage: true`, so Ollama reports the
+/// tokens (SPEC §9; butler hides the extra chunk from the client). `None`
+/// when nothing needs to change.
+pub fn include_usage(body: &Json) -> Option<Json> {
+    if !matches!(body.field("stream"), Some(Json::Bool(true))) {
+        return None;
+    }
+    let options = body.field("stream_options");
+    if options.and_then(|o| o.field("include_usage")) == Some(&Json::Bool(true)) {
+        return None;
+    }
+    let Json::Object(mut entries) = body.clone() else { return None };
+    let flag = ("include_usage".to_owned(), Json::Bool(true));
+    match entries.iter_mut().find(|(k, _)| key_is(k, "stream_options")) {
+        Some((_, Json::Object(options))) => {
+            options.retain(|(k, _)| !key_is(k, "include_usage"));
+            options.push(flag);
+        }
+        Some((_, slot)) => *slot = Json::Object(vec![flag]),
+        None => entries.push(("stream_options".to_owned(), Json::Object(vec![flag]))),
+    }
+    Some(Json::Object(entries))
+}
+
 /// Returns the body with a generation cap of `value` written where Ollama
 /// reads it for `kind` (SPEC §7.3), or `None` if the route takes none.
 pub fn inject_predict(kind: Kind, body: &Json, value: u64) -> Option<Vec<u8>> {
@@ -795,6 +820,29 @@ mod tests {
         assert_eq!(go_duration_secs("0"), Some(0.0));
         assert_eq!(go_duration_secs("1.5h"), Some(5400.0));
         assert_eq!(go_duration_secs("300ms"), Some(0.3));
+    }
+
+    #[test]
+    fn usage_is_requested_for_streamed_chat_completions() {
+        let json = |s: &str| parse_object(s.as_bytes()).unwrap();
+        let out = include_usage(&json(r#"{"model":"m","stream":true}"#)).unwrap();
+        assert_eq!(
+            out.to_bytes(),
+            br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#
+        );
+        let out = include_usage(&json(
+            r#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+        ));
+        assert_eq!(
+            out.unwrap().to_bytes(),
+            br#"{"stream":true,"stream_options":{"x":1,"include_usage":true}}"#
+        );
+        assert!(
+            include_usage(&json(r#"{"stream":true,"stream_options":{"include_usage":true}}"#))
+                .is_none()
+        );
+        assert!(include_usage(&json(r#"{"stream":false}"#)).is_none());
+        assert!(include_usage(&json(r#"{"model":"m"}"#)).is_none());
     }
 
     #[test]

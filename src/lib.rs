@@ -20,3 +20,4 @@ pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod routes;
+pub mod usage;

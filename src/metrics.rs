@@ -43,6 +43,8 @@ struct Families {
     rejected: HashMap<(String, &'static str), u64>,
     /// path
     duration: HashMap<&'static str, Histogram>,
+    /// (client, model, kind)
+    tokens: HashMap<(String, String, &'static str), u64>,
     first_byte: Histogram,
 }
 
@@ -112,6 +114,21 @@ impl Metrics {
         let key =
             bounded(&f.rejected, (client.to_owned(), reason), || ("other".to_owned(), reason));
         *f.rejected.entry(key).or_insert(0) += 1;
+    }
+
+    /// Adds the tokens of one response (`butler_tokens_total`).
+    pub fn tokens(&self, client: &str, model: &str, prompt: u64, completion: u64) {
+        let mut f = self.lock();
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            let key = (client.to_owned(), model.to_owned(), kind);
+            let key = if f.tokens.len() < MAX_SERIES || f.tokens.contains_key(&key) {
+                key
+            } else {
+                let other_model = (client.to_owned(), "other".to_owned(), kind);
+                bounded(&f.tokens, other_model, || ("other".to_owned(), "other".to_owned(), kind))
+            };
+            *f.tokens.entry(key).or_insert(0) += n;
+        }
     }
 
     /// Counts a configuration reload by its result.
@@ -192,6 +209,22 @@ impl Metrics {
         header(&mut out, "butler_in_flight_requests", "gauge", "Requests being served.");
         let _ =
             writeln!(out, "butler_in_flight_requests {}", self.in_flight.load(Ordering::Relaxed));
+        header(
+            &mut out,
+            "butler_tokens_total",
+            "counter",
+            "Tokens Ollama reported, by client, model and kind (prompt or completion).",
+        );
+        let mut rows: Vec<_> = f.tokens.iter().collect();
+        rows.sort();
+        for ((client, model, kind), n) in rows {
+            let _ = writeln!(
+                out,
+                "butler_tokens_total{{client=\"{}\",model=\"{}\",kind=\"{kind}\"}} {n}",
+                escape(client),
+                escape(model)
+            );
+        }
         header(&mut out, "butler_config_reloads_total", "counter", "Configuration reloads.");
         for (result, n) in ["success", "failure"].iter().zip(&self.reloads) {
             let _ = writeln!(

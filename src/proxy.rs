@@ -15,6 +15,7 @@ use ureq::http;
 
 use crate::config::{Timeouts, Upstream};
 use crate::http::{BodyError, BodyLen, Exchange};
+use crate::usage::{Tap, Usage};
 
 /// Request headers never forwarded: hop-by-hop ones, credentials meant for
 /// butler, and the ones butler sets itself.
@@ -70,6 +71,22 @@ pub struct Outcome {
     pub upstream_first_byte: Option<Duration>,
     /// Set when the exchange did not end normally.
     pub error: Option<&'static str>,
+    /// Tokens the upstream reported, when the response was tapped.
+    pub usage: Option<Usage>,
+}
+
+impl Outcome {
+    pub fn new(status: u16, error: Option<&'static str>) -> Outcome {
+        Outcome { status, upstream_first_byte: None, error, usage: None }
+    }
+}
+
+/// What butler does with the response body on its way to the client.
+pub enum Respond<'a> {
+    /// Copy it through as it arrives, watching for token counts if tapped.
+    Stream(Option<Box<Tap>>),
+    /// Buffer a `200` body and send it rewritten (filtered listings).
+    Rewrite(Rewrite<'a>),
 }
 
 /// The request body to send upstream.
@@ -143,7 +160,7 @@ impl Proxy {
         ex: &mut Exchange<'_>,
         fwd: &Forwarding<'_>,
         upload: Upload,
-        rewrite: Option<Rewrite<'_>>,
+        respond: Respond<'_>,
     ) -> Outcome {
         let length = match &upload {
             Upload::Bytes(b) => Some(b.len() as u64),
@@ -156,7 +173,7 @@ impl Proxy {
             Ok(r) => r,
             Err(reason) => {
                 let _ = ex.respond_json(400, &format!("{{\"error\":\"bad request: {reason}\"}}\n"));
-                return Outcome { status: 400, upstream_first_byte: None, error: Some(reason) };
+                return Outcome::new(400, Some(reason));
             }
         };
         let agent = self.agent();
@@ -168,7 +185,7 @@ impl Proxy {
                 agent.shutdown();
             }))
         };
-        let outcome = self.exchange(ex, request, upload, rewrite, &agent, &hung_up, fwd.request_id);
+        let outcome = self.exchange(ex, request, upload, respond, &agent, &hung_up, fwd.request_id);
         if hung_up.load(Ordering::SeqCst) {
             // This thread's agent is shut down; the next request gets a new one.
             AGENT.with_borrow_mut(|slot| *slot = None);
@@ -182,11 +199,12 @@ impl Proxy {
         ex: &mut Exchange<'_>,
         request: http::Request<()>,
         upload: Upload,
-        rewrite: Option<Rewrite<'_>>,
+        respond: Respond<'_>,
         agent: &ureq::Agent,
         hung_up: &AtomicBool,
         request_id: &str,
     ) -> Outcome {
+        let rewriting = matches!(respond, Respond::Rewrite(_));
         let sent_at = Instant::now();
         let result = if let Upload::Bytes(bytes) = &upload {
             agent.run(request.map(|()| bytes.as_slice()))
@@ -199,11 +217,7 @@ impl Proxy {
             Ok(r) => r,
             Err(_) if hung_up.load(Ordering::SeqCst) => {
                 ex.abort();
-                return Outcome {
-                    status: 0,
-                    upstream_first_byte: None,
-                    error: Some("client closed"),
-                };
+                return Outcome::new(0, Some("client closed"));
             }
             Err(e) => return self.upstream_failed(ex, e, request_id),
         };
@@ -227,14 +241,19 @@ impl Proxy {
         let no_body = ex.head.method == "HEAD" || status == 204 || status == 304 || status < 200;
         let len = if no_body {
             // A filtered listing's length would reveal the unfiltered size.
-            BodyLen::None(if rewrite.is_some() { None } else { content_length(&parts.headers) })
+            BodyLen::None(if rewriting { None } else { content_length(&parts.headers) })
         } else {
             match body.content_length() {
                 Some(n) => BodyLen::Length(n),
                 None => BodyLen::Stream,
             }
         };
-        let mut outcome = Outcome { status, upstream_first_byte: Some(first_byte), error: None };
+        let mut outcome =
+            Outcome { status, upstream_first_byte: Some(first_byte), error: None, usage: None };
+        let (rewrite, mut tap) = match respond {
+            Respond::Rewrite(r) => (Some(r), None),
+            Respond::Stream(tap) => (None, tap),
+        };
         if let (Some(rewrite), 200, false) = (rewrite, status, no_body) {
             let mut original = Vec::new();
             let read = body.into_reader().take(MAX_REWRITE + 1).read_to_end(&mut original);
@@ -271,13 +290,26 @@ impl Proxy {
         loop {
             match reader.read(&mut buf) {
                 Ok(0) => {
+                    if let Some(tap) = tap.take() {
+                        let (rest, usage) = tap.finish();
+                        outcome.usage = usage;
+                        if !rest.is_empty() && ex.send(&rest).is_err() {
+                            outcome.error = Some("client closed");
+                            return outcome;
+                        }
+                    }
                     if ex.finish().is_err() {
                         outcome.error = Some("client closed");
                     }
                     return outcome;
                 }
                 Ok(n) => {
-                    if ex.send(&buf[..n]).is_err() {
+                    let out = match &mut tap {
+                        Some(tap) => tap.feed(&buf[..n]),
+                        None => std::borrow::Cow::Borrowed(&buf[..n]),
+                    };
+                    // An empty chunk would end a chunked body: send nothing.
+                    if !out.is_empty() && ex.send(&out).is_err() {
                         // Dropping the unfinished reader closes the upstream
                         // connection, so Ollama stops generating.
                         outcome.error = Some("client closed");
@@ -366,7 +398,7 @@ impl Proxy {
             let _ = ex.respond_json(status, body);
         }
         log::warn!(request_id = request_id, detail:% = e; "upstream request failed");
-        Outcome { status, upstream_first_byte: None, error: Some(error) }
+        Outcome::new(status, Some(error))
     }
 }
 

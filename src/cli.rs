@@ -49,6 +49,16 @@ pub fn main() -> i32 {
             return 2;
         }
     };
+    if !matches!(command, Command::Run(_)) {
+        // One-shot commands print to a terminal or a pipe: `butler check | head`
+        // should end quietly, not panic on a closed pipe. (The server keeps
+        // Rust's default of ignoring SIGPIPE, so a vanished client is an
+        // error on its socket, not a signal.)
+        // SAFETY: resetting a signal disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match command {
         Command::Help => {
             print!("{USAGE}");

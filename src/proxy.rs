@@ -178,7 +178,7 @@ impl Proxy {
         };
         let agent = self.agent();
         let hung_up = Arc::new(AtomicBool::new(false));
-        let _watch = {
+        let watch = {
             let (hung_up, agent) = (hung_up.clone(), agent.clone());
             ex.on_client_hangup(Box::new(move || {
                 hung_up.store(true, Ordering::SeqCst);
@@ -186,6 +186,10 @@ impl Proxy {
             }))
         };
         let outcome = self.exchange(ex, request, upload, respond, &agent, &hung_up, fwd.request_id);
+        // After the guard is gone no hang-up callback can run, so the flag is
+        // final: if the client left at any point (even just after the
+        // response ended), the agent was shut down and must be replaced.
+        drop(watch);
         if hung_up.load(Ordering::SeqCst) {
             // This thread's agent is shut down; the next request gets a new one.
             AGENT.with_borrow_mut(|slot| *slot = None);

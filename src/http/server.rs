@@ -87,12 +87,14 @@ impl Watches {
         lock(&self.list).iter().map(|w| (w.id, w.fd)).collect()
     }
 
+    /// Runs the watch's callback with the list locked, so that once a
+    /// guard has been dropped (which takes the same lock) its callback is
+    /// neither running nor will run: a worker that finished its request can
+    /// trust what it sees afterwards.
     fn fire(&self, id: u64) {
-        let hit = {
-            let mut list = lock(&self.list);
-            list.iter().position(|w| w.id == id).map(|i| list.swap_remove(i))
-        };
-        if let Some(w) = hit {
+        let mut list = lock(&self.list);
+        if let Some(i) = list.iter().position(|w| w.id == id) {
+            let w = list.swap_remove(i);
             (w.on_hangup)();
         }
     }

@@ -40,9 +40,10 @@ struct Account {
     day: (u64, u64),
     /// (year * 12 + month - 1, tokens).
     month: (u64, u64),
-    /// Seconds of requests admitted in the last minute (for `/butler/usage`).
+    /// (second, requests admitted) in the last minute (for `/butler/usage`);
+    /// one entry per second, so a busy subject costs at most 60 entries.
     #[serde(default)]
-    requests: VecDeque<u64>,
+    requests: VecDeque<(u64, u64)>,
     last_seen: u64,
 }
 
@@ -61,7 +62,7 @@ impl Account {
         while self.minute.front().is_some_and(|(t, _)| t + MINUTE <= now) {
             self.minute.pop_front();
         }
-        while self.requests.front().is_some_and(|t| t + MINUTE <= now) {
+        while self.requests.front().is_some_and(|(t, _)| t + MINUTE <= now) {
             self.requests.pop_front();
         }
         if self.day.0 != day_of(now) {
@@ -78,7 +79,7 @@ impl Account {
             minute: self.minute.iter().map(|(_, n)| n).sum(),
             day: self.day.1,
             month: self.month.1,
-            requests: self.requests.len() as u64,
+            requests: self.requests.iter().map(|(_, n)| n).sum(),
         }
     }
 }
@@ -167,7 +168,10 @@ impl Ledger {
         let mut accounts = self.lock();
         let account = account(&mut accounts, key, now);
         account.expire(now);
-        account.requests.push_back(now);
+        match account.requests.back_mut() {
+            Some((t, n)) if *t == now => *n += 1,
+            _ => account.requests.push_back((now, 1)),
+        }
     }
 
     /// Charges `tokens` to `key` after a response.
@@ -294,6 +298,11 @@ mod tests {
         let again = Ledger::load(path).unwrap();
         assert_eq!(again.used("user:alice", T0 + 1).day, 42);
         assert_eq!(again.used("user:alice", T0 + 1).requests, 1);
+        for _ in 0..1000 {
+            again.request("user:alice", T0 + 2);
+        }
+        assert_eq!(again.used("user:alice", T0 + 2).requests, 1001);
+        assert_eq!(again.lock()["user:alice"].requests.len(), 2, "one entry per second");
         std::fs::write(path, b"{oops").unwrap();
         assert!(Ledger::load(path).is_err());
         assert!(Ledger::load(dir.join("missing.json").to_str().unwrap()).is_ok());

@@ -287,7 +287,7 @@ fn start_butler(bin: &str, upstream: SocketAddr) -> (Child, SocketAddr) {
     std::fs::write(
         &config,
         format!(
-            "listen: \"{addr}\"\nupstream: \"http://{upstream}\"\nclients:\n  - name: bench\n    key: \"{KEY}\"\n"
+            "listen: \"{addr}\"\nupstream: \"http://{upstream}\"\nclients:\n  - name: bench\n    key: \"{KEY}\"\n    allow_models: [\"*\"]\n"
         ),
     )
     .expect("write config");

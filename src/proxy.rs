@@ -58,9 +58,10 @@ const DROP_RESPONSE: &[&str] = &[
 const COPY_BUF: usize = 16 * 1024;
 
 /// ureq serialises the whole request head into its output buffer, so it
-/// must hold the largest head the intake accepts (32 KiB) plus the headers
-/// butler adds; 64 KiB leaves ample room.
-const UPSTREAM_OUTPUT_BUF: usize = 64 * 1024;
+/// must hold the largest head the intake accepts (32 KiB, which bounds the
+/// forwarded headers too) plus the few headers butler adds. Every worker's
+/// connection holds one, so it is not rounded up further.
+const UPSTREAM_OUTPUT_BUF: usize = 36 * 1024;
 
 /// How a forwarded request ended, for logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ STATIC_BIN := target/$(STATIC_TARGET)/release/butler
 PYTHON ?= python3
 OIDC_VENV := target/venv-oidc
 
-.PHONY: help build run test test-oidc lint fmt static docker bench clean
+.PHONY: help build run test test-oidc lint fmt static docker bench fuzz clean
 
 help:
 	@echo "make build    release binary in $(BIN)"
@@ -19,6 +19,7 @@ help:
 	@echo "make fmt      reformat the code"
 	@echo "make static   statically linked x86_64 glibc binary in $(STATIC_BIN)"
 	@echo "make docker   build the container image 'butler'"
+	@echo "make fuzz     fuzz the parsers for FUZZ_SECS each (needs nightly and cargo-fuzz)"
 	@echo "make bench    measure req/s, latency, time to first token and memory"
 	@echo "make clean    remove build output"
 
@@ -73,6 +74,14 @@ docker:
 # Measures butler against direct upstream access; see docs/performance.md.
 bench: build
 	BUTLER_BIN=$(BIN) $(CARGO) bench --bench proxy
+
+# Fuzz the pure parsers (not part of `make test`): FUZZ_SECS per target. Needs nightly Rust and
+# cargo-fuzz (`cargo install cargo-fuzz`).
+FUZZ_SECS ?= 60
+FUZZ_TARGETS := head chunked config inspect usage
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || { echo "error: make fuzz needs cargo-fuzz: cargo install cargo-fuzz" >&2; exit 1; }
+	cd fuzz && for t in $(FUZZ_TARGETS); do cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECS) -rss_limit_mb=2048 || exit 1; done
 
 clean:
 	$(CARGO) clean

@@ -8,7 +8,7 @@ fn decode(data: &[u8], step: usize) -> Result<(Vec<u8>, usize, bool), ()> {
     let mut d = Decoder::default();
     let (mut out, mut pos) = (Vec::new(), 0);
     while pos < data.len() && !d.is_done() {
-        let end = (pos + step).min(data.len());
+        let end = pos.saturating_add(step).min(data.len());
         let s = d.decode(&data[pos..end]).map_err(|_| ())?;
         assert!(s.data.end <= end - pos && s.data.end == s.consumed);
         out.extend_from_slice(&data[pos..end][s.data]);

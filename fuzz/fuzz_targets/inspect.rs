@@ -4,7 +4,9 @@
 //! duplicate; butler refuses duplicates, so both must agree).
 #![no_main]
 use butler::inspect::{Kind, inspect};
-use butler::policy::Policy;
+use std::sync::Arc;
+
+use butler::policy::{Grant, Policy};
 use butler::policy::model::{ModelAcl, ModelName, Pattern};
 use libfuzzer_sys::fuzz_target;
 
@@ -13,7 +15,12 @@ fuzz_target!(|data: &[u8]| {
         vec![Pattern::parse("*").unwrap()],
         vec![Pattern::parse("denied").unwrap()],
     );
-    let policy = Policy { models: acl, max_ctx: Some(4096), max_predict: Some(512), ..Policy::default() };
+    let policy = Grant::single(Arc::new(Policy {
+        models: acl,
+        max_ctx: Some(4096),
+        max_predict: Some(512),
+        ..Policy::default()
+    }));
     for kind in [Kind::OllamaGenerate, Kind::OpenAiGenerate, Kind::Messages, Kind::Copy] {
         let Ok(request) = inspect(kind, data) else { continue };
         let Ok(verdict) = policy.judge(&request) else { continue };

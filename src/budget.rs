@@ -98,17 +98,7 @@ fn month_of(secs: u64) -> u64 {
 fn next_month_start(m: u64) -> u64 {
     let next = m + 1;
     let (y, month) = ((next / 12) as i64, (next % 12) as u32 + 1);
-    (days_from_civil(y, month, 1).max(0) as u64) * 86_400
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    (crate::logging::days_from_civil(y, month, 1).max(0) as u64) * 86_400
 }
 
 /// Every subject's usage.
@@ -274,15 +264,18 @@ mod tests {
         assert_eq!((used.day, used.month), (15, 15), "a new month started on Feb 1");
         // Within one month: 2027-02-01 + 15 -> 30 tokens over 25.
         l.charge("a", 15, T0 + 2 * 86_400);
-        let feb_end = days_from_civil(2027, 3, 1) as u64 * 86_400;
+        let feb_end = crate::logging::days_from_civil(2027, 3, 1) as u64 * 86_400;
         assert_eq!(l.check("a", &b, T0 + 2 * 86_400 + 1), Err(feb_end - (T0 + 2 * 86_400 + 1)));
     }
 
     #[test]
     fn months() {
         assert_eq!(next_month_start(month_of(T0)), T0 + 86_400);
-        let dec = days_from_civil(2026, 12, 15) as u64 * 86_400;
-        assert_eq!(next_month_start(month_of(dec)), days_from_civil(2027, 1, 1) as u64 * 86_400);
+        let dec = crate::logging::days_from_civil(2026, 12, 15) as u64 * 86_400;
+        assert_eq!(
+            next_month_start(month_of(dec)),
+            crate::logging::days_from_civil(2027, 1, 1) as u64 * 86_400
+        );
     }
 
     #[test]

@@ -542,7 +542,7 @@ pub fn parse_expiry(s: &str) -> Result<i64, String> {
     if !(1..=12).contains(&m) || d < 1 || d > month_days[(m - 1) as usize] {
         return Err(bad());
     }
-    let mut secs = days_from_civil(y, m as u32, d as u32) * 86_400;
+    let mut secs = crate::logging::days_from_civil(y, m as u32, d as u32) * 86_400;
     if let Some(time) = time {
         let (clock, offset) = if let Some(c) = time.strip_suffix(['Z', 'z']) {
             (c, 0)
@@ -570,17 +570,6 @@ pub fn parse_expiry(s: &str) -> Result<i64, String> {
         secs += h * 3600 + mi * 60 + se - offset;
     }
     Ok(secs)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 fn read_auth(value: &Value, env: Env, errs: &mut Errors) -> Auth {

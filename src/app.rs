@@ -494,14 +494,12 @@ impl App {
         };
         let request = inspect::inspect(kind, &body).map_err(Refusal::BadRequest)?;
         let verdict = policy.judge(&request)?;
+        plan.model = verdict.models.first().map(|m| m.short().to_owned());
         if kind.is_inference() {
             // Token budgets gate inference only (SPEC §7.5, §9).
             self.ledger
                 .check(&identity.key, &policy.token_budget, unix_now())
                 .map_err(|secs| Refusal::BudgetExceeded { retry_after_secs: secs })?;
-        }
-        plan.model = verdict.models.first().map(|m| m.short().to_owned());
-        if kind.is_inference() {
             let mut hasher = Sha256::new();
             for (i, text) in request.texts.iter().enumerate() {
                 if i > 0 {
@@ -527,18 +525,15 @@ impl App {
         plan.tap = usage_format(class, kind).map(|format| (format, false));
         if class == &Class::Inference(inspect::Kind::OpenAiGenerate)
             && ex.head.target.path == "/v1/chat/completions"
+            && let Some(with_usage) =
+                inspect::include_usage(forwarded.as_ref().unwrap_or(&request.body))
         {
             // Ask Ollama for the usage chunk, and hide it from this client.
-            let current = match &forwarded {
-                Some(bytes) => inspect::parse_object(bytes).ok(),
-                None => Some(request.body.clone()),
-            };
-            if let Some(with_usage) = current.as_ref().and_then(inspect::include_usage) {
-                forwarded = Some(with_usage.to_bytes());
-                plan.tap = Some((Format::OpenAi, true));
-            }
+            forwarded = Some(with_usage);
+            plan.tap = Some((Format::OpenAi, true));
         }
-        plan.upload = Upload::Bytes(forwarded.unwrap_or(body));
+        // The body is serialised once, and only if it changed.
+        plan.upload = Upload::Bytes(forwarded.map_or(body, |json| json.to_bytes()));
         Ok(plan)
     }
 }

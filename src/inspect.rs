@@ -594,7 +594,7 @@ pub fn include_usage(body: &Json) -> Option<Json> {
 
 /// Returns the body with a generation cap of `value` written where Ollama
 /// reads it for `kind` (SPEC §7.3), or `None` if the route takes none.
-pub fn inject_predict(kind: Kind, body: &Json, value: u64) -> Option<Vec<u8>> {
+pub fn inject_predict(kind: Kind, body: &Json, value: u64) -> Option<Json> {
     let field = kind.predict_field()?;
     let Json::Object(mut entries) = body.clone() else { return None };
     let number = Json::Number(Num::U(value));
@@ -621,7 +621,7 @@ pub fn inject_predict(kind: Kind, body: &Json, value: u64) -> Option<Vec<u8>> {
             }
         }
     }
-    Some(Json::Object(entries).to_bytes())
+    Some(Json::Object(entries))
 }
 
 #[cfg(test)]
@@ -761,17 +761,17 @@ mod tests {
     fn injection_writes_where_ollama_reads() {
         let chat = br#"{"model":"a","messages":[],"options":{"temperature":0}}"#;
         let r = inspect(Kind::OllamaGenerate, chat).unwrap();
-        let out = inject_predict(r.kind, &r.body, 256).unwrap();
+        let out = inject_predict(r.kind, &r.body, 256).unwrap().to_bytes();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"model":"a","messages":[],"options":{"temperature":0,"num_predict":256}}"#
         );
         let r = inspect(Kind::OllamaGenerate, br#"{"model":"a","options":null}"#).unwrap();
-        let out = inject_predict(r.kind, &r.body, 7).unwrap();
+        let out = inject_predict(r.kind, &r.body, 7).unwrap().to_bytes();
         assert_eq!(String::from_utf8(out).unwrap(), r#"{"model":"a","options":{"num_predict":7}}"#);
         let r =
             inspect(Kind::OpenAiGenerate, br#"{"model":"a","max_tokens":null,"x":1.5}"#).unwrap();
-        let out = inject_predict(r.kind, &r.body, 256).unwrap();
+        let out = inject_predict(r.kind, &r.body, 256).unwrap().to_bytes();
         assert_eq!(String::from_utf8(out).unwrap(), r#"{"model":"a","x":1.5,"max_tokens":256}"#);
         let r = inspect(Kind::OpenAiEmbed, br#"{"model":"a"}"#).unwrap();
         assert!(inject_predict(r.kind, &r.body, 1).is_none());

@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     for kind in [Kind::OllamaGenerate, Kind::OpenAiGenerate, Kind::Messages, Kind::Copy] {
         let Ok(request) = inspect(kind, data) else { continue };
         let Ok(verdict) = policy.judge(&request) else { continue };
-        let forwarded = verdict.body.unwrap_or_else(|| data.to_vec());
+        let forwarded = verdict.body.map_or_else(|| data.to_vec(), |json| json.to_bytes());
         // What is forwarded is still one object that names no denied model.
         let again = inspect(kind, &forwarded).expect("forwarded body re-inspects");
         for name in &again.models {

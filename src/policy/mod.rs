@@ -195,7 +195,7 @@ pub struct Verdict {
     pub models: Vec<ModelName>,
     /// A rewritten body (an injected `max_predict`), else the original
     /// bytes are forwarded untouched.
-    pub body: Option<Vec<u8>>,
+    pub body: Option<Json>,
 }
 
 /// The effective policy of an authenticated subject: one [`Policy`]
@@ -444,10 +444,10 @@ mod tests {
         let v = judge(&p, generate, r#"{"model":"m","options":{"num_predict":100}}"#).unwrap();
         assert!(v.body.is_none(), "an effective limit under the cap forwards the original");
         let v = judge(&p, generate, r#"{"model":"m"}"#).unwrap();
-        assert_eq!(v.body.unwrap(), br#"{"model":"m","options":{"num_predict":512}}"#);
+        assert_eq!(v.body.unwrap().to_bytes(), br#"{"model":"m","options":{"num_predict":512}}"#);
         let v = judge(&p, generate, r#"{"model":"m","max_tokens":100}"#).unwrap();
         assert_eq!(
-            v.body.unwrap(),
+            v.body.unwrap().to_bytes(),
             br#"{"model":"m","max_tokens":100,"options":{"num_predict":100}}"#
         );
         let v = judge(&p, Kind::OpenAiEmbed, r#"{"model":"m","input":"x"}"#).unwrap();

@@ -141,13 +141,8 @@ impl App {
         if route == Public::Login {
             return self.login(ex);
         }
-        if ex.head.method != "GET" && ex.head.method != "HEAD" {
-            let _ = ex.respond(
-                405,
-                &[("Content-Type", b"application/json"), ("Allow", b"GET, HEAD")],
-                b"{\"error\":\"method not allowed\"}\n",
-            );
-            return 405;
+        if !is_read(ex) {
+            return method_not_allowed(ex, "GET, HEAD");
         }
         match route {
             Public::Healthz => match self.health.check() {
@@ -208,12 +203,7 @@ impl App {
             return 404;
         }
         if ex.head.method != "POST" {
-            let _ = ex.respond(
-                405,
-                &[("Content-Type", b"application/json"), ("Allow", b"POST")],
-                b"{\"error\":\"method not allowed\"}\n",
-            );
-            return 405;
+            return method_not_allowed(ex, "POST");
         }
         let body = match ex.read_body_limited(MAX_LOGIN_BODY) {
             Ok(Some(body)) => body,
@@ -353,6 +343,20 @@ fn unix_now() -> u64 {
 /// Largest `/auth/login` body (SPEC §5).
 const MAX_LOGIN_BODY: usize = 4096;
 
+fn is_read(ex: &Exchange<'_>) -> bool {
+    ex.head.method == "GET" || ex.head.method == "HEAD"
+}
+
+/// 405 for a route butler answers itself, naming the methods it takes.
+fn method_not_allowed(ex: &mut Exchange<'_>, allow: &'static str) -> u16 {
+    let _ = ex.respond(
+        405,
+        &[("Content-Type", b"application/json"), ("Allow", allow.as_bytes())],
+        b"{\"error\":\"method not allowed\"}\n",
+    );
+    405
+}
+
 fn unauthorized(ex: &mut Exchange<'_>) {
     let _ = ex.respond(
         401,
@@ -408,13 +412,9 @@ impl App {
             return Err(Refusal::Forbidden.into());
         }
         if *class == Class::Usage {
-            if ex.head.method != "GET" && ex.head.method != "HEAD" {
-                let _ = ex.respond(
-                    405,
-                    &[("Content-Type", b"application/json"), ("Allow", b"GET, HEAD")],
-                    b"{\"error\":\"method not allowed\"}\n",
-                );
-                return Err(Stop::Answered(405, "method not allowed"));
+            if !is_read(ex) {
+                let status = method_not_allowed(ex, "GET, HEAD");
+                return Err(Stop::Answered(status, "method not allowed"));
             }
             let status = self.usage_report(ex, identity);
             return Err(Stop::Answered(status, "usage report"));

@@ -126,13 +126,8 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
     }
 }
 
-/// Reads the configuration with the `BUTLER_*` overrides (at startup and
-/// on every reload).
-pub(crate) fn load(path: &str) -> Result<Config, Vec<String>> {
-    let env = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
-    let mut config = Config::load(path)?;
-    config.apply_env_overrides(&env)?;
-    Ok(config)
+fn load(path: &str) -> Result<Config, Vec<String>> {
+    Config::load_for_run(path)
 }
 
 fn print_errors(path: &str, errors: &[String]) {

@@ -259,6 +259,9 @@ impl Proxy {
             Respond::Rewrite(r) => (Some(r), None),
             Respond::Stream(tap) => (None, tap),
         };
+        if let (BodyLen::Length(_), Some(tap)) = (len, &mut tap) {
+            tap.keep_every_byte();
+        }
         if let (Some(rewrite), 200, false) = (rewrite, status, no_body) {
             let mut original = Vec::new();
             let read = body.into_reader().take(MAX_REWRITE + 1).read_to_end(&mut original);

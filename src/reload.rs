@@ -103,7 +103,7 @@ impl Live {
     pub fn reload(&self, why: &str) -> bool {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current();
-        let result = crate::cli::load(&self.path)
+        let result = Config::load_for_run(&self.path)
             .and_then(|c| App::new(&c, Some(&old)).map(|app| (c, app)).map_err(|e| vec![e]));
         match result {
             Ok((config, app)) => {

@@ -167,6 +167,12 @@ impl Tap {
         }
     }
 
+    /// Turns hiding off: for a body whose length was announced, removing an
+    /// event would break its framing, so every byte goes through.
+    pub fn keep_every_byte(&mut self) {
+        self.hide = false;
+    }
+
     /// Feeds the next chunk exactly as the upstream sent it. Returns the bytes to send to the
     /// client for this chunk: borrowed `chunk` unchanged in the normal case (`Cow::Borrowed`), or
     /// an owned, edited version only when `hide_usage_chunk` removed (part of) an event. When
@@ -1574,5 +1580,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn keep_every_byte_turns_hiding_off() {
+        let body: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n\
+data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3}}\n\n\
+data: [DONE]\n\n";
+        let mut hiding = Tap::new(Format::OpenAi, true);
+        let mut out = hiding.feed(body).into_owned();
+        let (rest, usage) = hiding.finish();
+        out.extend_from_slice(&rest);
+        assert!(out.len() < body.len(), "the usage event is hidden");
+        assert_eq!(usage, Some(Usage { prompt: 5, completion: 3 }));
+        let mut kept = Tap::new(Format::OpenAi, true);
+        kept.keep_every_byte();
+        let mut out = kept.feed(body).into_owned();
+        let (rest, usage) = kept.finish();
+        out.extend_from_slice(&rest);
+        assert_eq!(out, body);
+        assert_eq!(usage, Some(Usage { prompt: 5, completion: 3 }));
     }
 }

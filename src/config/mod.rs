@@ -202,6 +202,15 @@ impl Config {
         Config::parse(&text, &|name| std::env::var(name).ok())
     }
 
+    /// Reads the file and applies the `BUTLER_*` overrides from the process
+    /// environment: what `butler`, `butler check` and every reload use.
+    pub fn load_for_run(path: &str) -> Result<Config, Vec<String>> {
+        let env = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+        let mut config = Config::load(path)?;
+        config.apply_env_overrides(&env)?;
+        Ok(config)
+    }
+
     /// Parses and validates YAML text. Returns every error found.
     pub fn parse(text: &str, env: Env) -> Result<Config, Vec<String>> {
         let value: Value =

@@ -30,9 +30,9 @@ use crate::logging;
 use crate::metrics::Metrics;
 use crate::policy::Refusal;
 use crate::policy::model::ModelName;
-use crate::proxy::{Forwarding, Outcome, Proxy, Respond, Upload};
+use crate::proxy::{Forwarding, Metered, Outcome, Proxy, Respond, Upload};
 use crate::routes::{self, Class, Listing, Public};
-use crate::usage::{Format, Tap};
+use crate::usage::{Format, Tap, Usage};
 
 /// The request pipeline for one configuration. A reload builds a new one;
 /// requests in flight finish under the one they started with. State that
@@ -627,13 +627,21 @@ impl Service for App {
         {
             Ok(plan) => {
                 let policy = identity.grant.clone();
+                let model = plan.model.as_deref().unwrap_or("");
+                // Charged after the response but before its end reaches the
+                // client; a running stream is never cut (SPEC §9).
+                let settle = |usage: Usage| {
+                    self.ledger.charge(&identity.key, usage.prompt + usage.completion, unix_now());
+                    self.metrics.tokens(client, model, usage.prompt, usage.completion);
+                };
                 let filter =
                     plan.listing.map(|kind| move |body: &[u8]| policy.filter_listing(kind, body));
                 let respond = match &filter {
                     Some(f) => Respond::Rewrite(f as &dyn Fn(&[u8]) -> Option<Vec<u8>>),
-                    None => Respond::Stream(
-                        plan.tap.map(|(format, hide)| Box::new(Tap::new(format, hide))),
-                    ),
+                    None => Respond::Stream(plan.tap.map(|(format, hide)| Metered {
+                        tap: Box::new(Tap::new(format, hide)),
+                        settle: &settle,
+                    })),
                 };
                 let outcome = self.proxy.forward(
                     ex,
@@ -644,12 +652,6 @@ impl Service for App {
                 // A streamed upload cut at max_request_bytes (SPEC §7.3).
                 if outcome.error == Some("request too large") {
                     self.metrics.rejected(client, "too_large");
-                }
-                if let Some(usage) = outcome.usage {
-                    // Charged after the response; a running stream is never cut (SPEC §9).
-                    self.ledger.charge(&identity.key, usage.prompt + usage.completion, unix_now());
-                    let model = plan.model.as_deref().unwrap_or("");
-                    self.metrics.tokens(client, model, usage.prompt, usage.completion);
                 }
                 (outcome, plan.model, plan.prompt_sha256)
             }

@@ -85,9 +85,32 @@ impl Outcome {
 /// What butler does with the response body on its way to the client.
 pub enum Respond<'a> {
     /// Copy it through as it arrives, watching for token counts if tapped.
-    Stream(Option<Box<Tap>>),
+    Stream(Option<Metered<'a>>),
     /// Buffer a `200` body and send it rewritten (filtered listings).
     Rewrite(Rewrite<'a>),
+}
+
+/// A tapped response: the tap reading token counts, and what to do with them.
+///
+/// `settle` runs before the client can see the end of the body (the chunked
+/// terminator, or the last bytes of a length-framed body), so a client that
+/// sends its next request after reading a response is judged against a budget
+/// that already holds that response's tokens.
+pub struct Metered<'a> {
+    pub tap: Box<Tap>,
+    pub settle: &'a dyn Fn(Usage),
+}
+
+impl Metered<'_> {
+    /// Ends the tap and settles what it counted; returns the bytes it still
+    /// held back, and the counts.
+    fn close(self) -> (Vec<u8>, Option<Usage>) {
+        let (rest, usage) = self.tap.finish();
+        if let Some(usage) = usage {
+            (self.settle)(usage);
+        }
+        (rest, usage)
+    }
 }
 
 /// The request body to send upstream.
@@ -255,13 +278,21 @@ impl Proxy {
         };
         let mut outcome =
             Outcome { status, upstream_first_byte: Some(first_byte), error: None, usage: None };
-        let (rewrite, mut tap) = match respond {
+        let (rewrite, mut metered) = match respond {
             Respond::Rewrite(r) => (Some(r), None),
-            Respond::Stream(tap) => (None, tap),
+            Respond::Stream(m) => (None, m),
         };
-        if let (BodyLen::Length(_), Some(tap)) = (len, &mut tap) {
-            tap.keep_every_byte();
-        }
+        // Bytes of a length-framed body still to come: its last read is
+        // settled before it is sent, as there is no terminator to hold back.
+        let mut remaining = match len {
+            BodyLen::Length(n) => {
+                if let Some(m) = &mut metered {
+                    m.tap.keep_every_byte();
+                }
+                Some(n)
+            }
+            _ => None,
+        };
         if let (Some(rewrite), 200, false) = (rewrite, status, no_body) {
             let mut original = Vec::new();
             let read = body.into_reader().take(MAX_REWRITE + 1).read_to_end(&mut original);
@@ -298,8 +329,8 @@ impl Proxy {
         loop {
             match reader.read(&mut buf) {
                 Ok(0) => {
-                    if let Some(tap) = tap.take() {
-                        let (rest, usage) = tap.finish();
+                    if let Some(m) = metered.take() {
+                        let (rest, usage) = m.close();
                         outcome.usage = usage;
                         if !rest.is_empty() && ex.send(&rest).is_err() {
                             outcome.error = Some("client closed");
@@ -312,10 +343,24 @@ impl Proxy {
                     return outcome;
                 }
                 Ok(n) => {
-                    let out = match &mut tap {
-                        Some(tap) => tap.feed(&buf[..n]),
+                    let last = match &mut remaining {
+                        Some(r) => {
+                            *r = r.saturating_sub(n as u64);
+                            *r == 0
+                        }
+                        None => false,
+                    };
+                    let mut out = match &mut metered {
+                        Some(m) => m.tap.feed(&buf[..n]),
                         None => std::borrow::Cow::Borrowed(&buf[..n]),
                     };
+                    if last && let Some(m) = metered.take() {
+                        let (rest, usage) = m.close();
+                        outcome.usage = usage;
+                        if !rest.is_empty() {
+                            out.to_mut().extend_from_slice(&rest);
+                        }
+                    }
                     // An empty chunk would end a chunked body: send nothing.
                     if !out.is_empty() && ex.send(&out).is_err() {
                         // Dropping the unfinished reader closes the upstream

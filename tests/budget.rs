@@ -18,12 +18,16 @@ fn config(upstream: &str, extra: &str) -> String {
 }
 
 fn chat(butler: &Butler) -> support::Response {
+    chat_body(butler, br#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#)
+}
+
+fn chat_body(butler: &Butler, body: &[u8]) -> support::Response {
     request(
         butler.addr(),
         "POST",
         "/api/chat",
         &[("Authorization", &format!("Bearer {KEY}"))],
-        br#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
+        body,
     )
 }
 
@@ -77,6 +81,27 @@ fn a_used_up_budget_refuses_until_the_window_moves() {
         metrics
             .contains("butler_requests_rejected_total{client=\"b\",reason=\"budget_exceeded\"} 1")
     );
+}
+
+/// A response is charged before its end reaches the client, so a request sent right after
+/// reading one is judged with its tokens counted: for a chunked stream (the terminator is held
+/// until the charge) and for a Content-Length framed answer (its last bytes are).
+#[test]
+fn the_charge_lands_before_the_client_has_the_whole_response() {
+    let fake = FakeOllama::start();
+    let butler = Butler::start(&config(&fake.url(), ""));
+    let single: &[u8] =
+        br#"{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"hi"}]}"#;
+    let first = chat_body(&butler, single);
+    assert_eq!(first.status, 200);
+    assert_eq!(
+        first.header("content-length").map(str::to_owned),
+        Some(first.body.len().to_string())
+    );
+    assert_eq!(usage(&butler)["tokens"]["minute"]["used"], 8);
+    assert_eq!(chat(&butler).status, 200);
+    assert_eq!(usage(&butler)["tokens"]["minute"]["used"], 16);
+    assert_error(&chat_body(&butler, single), 429, "token budget exceeded");
 }
 
 /// For a streamed chat completion butler asks Ollama for the usage chunk and hides it from a

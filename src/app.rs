@@ -645,7 +645,11 @@ impl Service for App {
                 };
                 let outcome = self.proxy.forward(
                     ex,
-                    &Forwarding { request_id: &id, forwarded_for: &forwarded_for, proto: "http" },
+                    &Forwarding {
+                        request_id: &id,
+                        forwarded_for: &forwarded_for,
+                        proto: if ex.is_tls() { "https" } else { "http" },
+                    },
                     plan.upload,
                     respond,
                 );

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::app::App;
 use crate::config::Config;
-use crate::http::{Options, Server};
+use crate::http::{Options, Server, TlsConfig};
 use crate::reload::Live;
 
 const USAGE: &str = "\
@@ -185,8 +185,9 @@ fn run(path: &str) -> i32 {
             return 1;
         }
     };
+    let tls = config.tls.clone().map(TlsConfig::new);
     let app = match App::new(&config, None) {
-        Ok(a) => Arc::new(Live::new(a, &config, path)),
+        Ok(a) => Arc::new(Live::new(a, &config, path, tls.clone())),
         Err(e) => {
             eprintln!("butler: startup failed: {e}");
             return 1;
@@ -202,7 +203,7 @@ fn run(path: &str) -> i32 {
         shutdown_drain: t.shutdown_drain,
     };
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let server = match Server::new(listener, opts, app.clone()) {
+    let server = match Server::new(listener, opts, app.clone(), tls) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("butler: startup failed: {e}");

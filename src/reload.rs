@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::app::App;
 use crate::config::Config;
-use crate::http::{Exchange, Service};
+use crate::http::{Exchange, Service, TlsConfig};
 
 /// How often the file is checked for changes.
 const POLL: Duration = Duration::from_secs(1);
@@ -26,6 +26,8 @@ pub struct Live {
     /// What the running configuration was loaded from, to tell a real change
     /// from a touch, and the settings a reload cannot change.
     loaded: Mutex<Loaded>,
+    /// The certificate new TLS connections get; a reload re-reads its files.
+    tls: Option<TlsConfig>,
 }
 
 struct Loaded {
@@ -42,6 +44,8 @@ struct Fixed {
     workers: usize,
     timeouts: crate::config::Timeouts,
     log_format: crate::config::LogFormat,
+    /// Whether the port speaks TLS. The certificate itself is reloadable.
+    tls: bool,
 }
 
 impl Fixed {
@@ -51,6 +55,7 @@ impl Fixed {
             workers: c.workers,
             timeouts: c.timeouts,
             log_format: c.log_format,
+            tls: c.tls.is_some(),
         }
     }
 
@@ -68,6 +73,9 @@ impl Fixed {
         if self.log_format != new.log_format {
             out.push("log_format");
         }
+        if self.tls != new.tls {
+            out.push("tls");
+        }
         out
     }
 }
@@ -82,8 +90,9 @@ fn digest_of(path: &str) -> Option<[u8; 32]> {
 }
 
 impl Live {
-    pub fn new(app: App, config: &Config, path: &str) -> Live {
+    pub fn new(app: App, config: &Config, path: &str, tls: Option<TlsConfig>) -> Live {
         Live {
+            tls,
             current: RwLock::new(Arc::new(app)),
             path: path.to_owned(),
             loaded: Mutex::new(Loaded {
@@ -112,6 +121,9 @@ impl Live {
                 if !ignored.is_empty() {
                     log::warn!(settings:% = ignored.join(", ");
                         "config reload: these settings need a restart to change");
+                }
+                if let (Some(live), Some(new)) = (&self.tls, &config.tls) {
+                    live.replace(new.clone());
                 }
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(app);
                 loaded.digest = digest_of(&self.path).unwrap_or_default();

@@ -48,6 +48,10 @@ pub struct Config {
     pub cors: Cors,
     /// Where token-budget counters are kept across restarts.
     pub state_file: Option<String>,
+    /// Native HTTPS (`tls:`), from the certificate and key files, read and
+    /// checked at load time so that `butler check` catches a key that does
+    /// not fit its certificate. `None` serves plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub clients: Vec<Client>,
     pub auth: Auth,
     pub users: Vec<User>,
@@ -325,6 +329,7 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         }
         cors = Cors::new(list);
     }
+    let tls = root.get("tls").and_then(|v| read_tls(v, env, errs));
     let global_max_concurrent = root.uint("global_max_concurrent", env, errs);
     if global_max_concurrent == Some(0) {
         errs.push("global_max_concurrent", "must be at least 1");
@@ -411,6 +416,7 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         trusted_proxies,
         cors,
         state_file,
+        tls,
         clients,
         auth,
         users,
@@ -666,6 +672,36 @@ fn read_oidc(value: &Value, env: Env, errs: &mut Errors) -> Option<OidcSettings>
         refresh_interval,
         ca_pem,
     })
+}
+
+fn read_tls(value: &Value, env: Env, errs: &mut Errors) -> Option<Arc<rustls::ServerConfig>> {
+    let mut obj = Obj::new(value, "tls", errs);
+    let cert_file = obj.string("cert_file", env, errs);
+    let key_file = obj.string("key_file", env, errs);
+    obj.finish(errs);
+    let mut read = |field: &str, path: &Option<String>| match path {
+        None => {
+            errs.push(&format!("tls.{field}"), "required");
+            None
+        }
+        Some(p) => match std::fs::read(p) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                errs.push(&format!("tls.{field}"), format!("cannot read {p}: {e}"));
+                None
+            }
+        },
+    };
+    let cert = read("cert_file", &cert_file);
+    let key = read("key_file", &key_file);
+    let (cert, key) = (cert?, key?);
+    match crate::http::socket::server_config(&cert, &key) {
+        Ok(server) => Some(Arc::new(server)),
+        Err(e) => {
+            errs.push("tls", e);
+            None
+        }
+    }
 }
 
 fn read_user(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option<User> {

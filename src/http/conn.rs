@@ -3,16 +3,18 @@
 //! that stops sending (slow loris) or stops reading cannot hold a worker
 //! forever.
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
+
+use super::socket::Socket;
 
 /// Bytes read from the socket per call; also the most a head read adds at once.
 const READ_CHUNK: usize = 16 * 1024;
 
 pub struct Conn {
-    pub stream: TcpStream,
+    pub socket: Socket,
     pub peer: SocketAddr,
     /// Received bytes not yet consumed start at `pos`.
     buf: Vec<u8>,
@@ -47,8 +49,8 @@ pub fn wait_ready(fd: &impl AsRawFd, events: libc::c_short, timeout: Duration) -
 
 impl Conn {
     /// Wraps an accepted socket (already non-blocking) with bytes already read.
-    pub fn new(stream: TcpStream, peer: SocketAddr, buf: Vec<u8>) -> Conn {
-        Conn { stream, peer, buf, pos: 0 }
+    pub fn new(socket: Socket, peer: SocketAddr, buf: Vec<u8>) -> Conn {
+        Conn { socket, peer, buf, pos: 0 }
     }
 
     /// Unconsumed received bytes.
@@ -62,9 +64,9 @@ impl Conn {
     }
 
     /// Hands back the unconsumed bytes, compacted, and the socket.
-    pub fn into_parts(mut self) -> (TcpStream, SocketAddr, Vec<u8>) {
+    pub fn into_parts(mut self) -> (Socket, SocketAddr, Vec<u8>) {
         self.buf.drain(..self.pos);
-        (self.stream, self.peer, self.buf)
+        (self.socket, self.peer, self.buf)
     }
 
     /// Reads once from the socket into the buffer, waiting at most `timeout`.
@@ -84,10 +86,10 @@ impl Conn {
 
     fn read_socket(&mut self, start: usize, timeout: Duration) -> io::Result<usize> {
         loop {
-            match self.stream.read(&mut self.buf[start..]) {
+            match self.socket.read(&mut self.buf[start..]) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !wait_ready(&self.stream, libc::POLLIN, timeout)? {
+                    if !wait_ready(self.socket.tcp(), libc::POLLIN, timeout)? {
                         return Err(io::ErrorKind::TimedOut.into());
                     }
                 }
@@ -108,10 +110,10 @@ impl Conn {
             return Ok(n);
         }
         loop {
-            match self.stream.read(out) {
+            match self.socket.read(out) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !wait_ready(&self.stream, libc::POLLIN, timeout)? {
+                    if !wait_ready(self.socket.tcp(), libc::POLLIN, timeout)? {
                         return Err(io::ErrorKind::TimedOut.into());
                     }
                 }
@@ -121,15 +123,20 @@ impl Conn {
         }
     }
 
-    /// Writes all of `data`, waiting at most `stall` each time the client's
-    /// socket buffer is full.
+    /// Writes all of `data` (and, through TLS, every encrypted byte of it),
+    /// waiting at most `stall` each time the client's socket buffer is full.
     pub fn write_all(&mut self, mut data: &[u8], stall: Duration) -> io::Result<()> {
-        while !data.is_empty() {
-            match self.stream.write(data) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+        while !data.is_empty() || self.socket.wants_write() {
+            let step = if data.is_empty() {
+                self.socket.flush().map(|()| 0)
+            } else {
+                self.socket.write(data)
+            };
+            match step {
+                Ok(0) if !data.is_empty() => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => data = &data[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !wait_ready(&self.stream, libc::POLLOUT, stall)? {
+                    if !wait_ready(self.socket.tcp(), libc::POLLOUT, stall)? {
                         return Err(io::ErrorKind::TimedOut.into());
                     }
                 }

@@ -121,10 +121,15 @@ impl<'c> Exchange<'c> {
         self.conn.peer
     }
 
+    /// Whether the request came over butler's own TLS (`X-Forwarded-Proto`).
+    pub fn is_tls(&self) -> bool {
+        self.conn.socket.is_tls()
+    }
+
     /// Calls `on_hangup` if the client closes the connection while the guard
     /// lives (used to cut the upstream request at once).
     pub fn on_client_hangup(&self, on_hangup: Box<dyn FnOnce() + Send>) -> WatchGuard<'c> {
-        self.watches.watch(self.conn.stream.as_raw_fd(), on_hangup)
+        self.watches.watch(self.conn.socket.tcp().as_raw_fd(), on_hangup)
     }
 
     /// Whether the request has a body at all.

@@ -9,8 +9,10 @@ pub mod conn;
 pub mod exchange;
 pub mod head;
 pub mod server;
+pub mod socket;
 pub mod target;
 
 pub use exchange::{BodyError, BodyLen, Exchange};
 pub use head::{Head, Version};
 pub use server::{Options, Server, Service, ShutdownHandle};
+pub use socket::TlsConfig;

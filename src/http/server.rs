@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use super::conn::Conn;
 use super::exchange::Exchange;
 use super::head::{self, Head, HeadError, MAX_HEAD, Parsed};
+use super::socket::{Socket, TlsConfig};
 
 /// How long a closing connection is read and discarded after its last
 /// response, so that unread request bytes don't turn the close into a reset
@@ -177,6 +178,8 @@ enum Returned {
 
 struct Shared {
     opts: Options,
+    /// Native HTTPS (`tls:`); `None` serves plain HTTP.
+    tls: Option<TlsConfig>,
     service: Arc<dyn Service>,
     queue: Mutex<Queue>,
     ready: Condvar,
@@ -225,6 +228,7 @@ impl Server {
         listener: TcpListener,
         opts: Options,
         service: Arc<dyn Service>,
+        tls: Option<TlsConfig>,
     ) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
         let (wake_rx, wake_tx) = UnixStream::pair()?;
@@ -234,6 +238,7 @@ impl Server {
         }
         let shared = Arc::new(Shared {
             opts,
+            tls,
             service,
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
@@ -312,7 +317,7 @@ enum State {
 }
 
 struct Held {
-    stream: TcpStream,
+    socket: Socket,
     peer: Option<SocketAddr>,
     buf: Vec<u8>,
     state: State,
@@ -366,8 +371,16 @@ impl Acceptor {
                 fds.len() - 1
             });
             let first_conn = fds.len();
-            for c in &self.conns {
-                fds.push(pollfd(&c.stream));
+            // A TLS connection may hold decrypted bytes the descriptor no
+            // longer signals, and may owe the peer handshake bytes.
+            let mut pending = false;
+            for c in &mut self.conns {
+                let mut fd = pollfd(c.socket.tcp());
+                if c.socket.wants_write() {
+                    fd.events |= libc::POLLOUT;
+                }
+                pending |= c.state != State::Linger && c.socket.has_pending();
+                fds.push(fd);
             }
             let first_watch = fds.len();
             let watched = self.shared.watches.snapshot();
@@ -376,7 +389,7 @@ impl Acceptor {
             }
 
             let timeout = self.next_timeout(now).map_or(WATCH_TICK, |t| t.min(WATCH_TICK));
-            let ms = timeout.as_millis().max(1) as libc::c_int;
+            let ms = if pending { 0 } else { timeout.as_millis().max(1) as libc::c_int };
             // SAFETY: `fds` is a valid, initialised slice of pollfd.
             let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
             if rc < 0 {
@@ -393,7 +406,11 @@ impl Acceptor {
             // the remaining indices valid.
             let mut outcomes = Vec::new();
             for i in 0..self.conns.len() {
-                if fds[first_conn + i].revents != 0 {
+                if fds[first_conn + i].revents != 0
+                    || (pending
+                        && self.conns[i].state != State::Linger
+                        && self.conns[i].socket.has_pending())
+                {
                     match self.on_readable(i) {
                         Action::Keep => {}
                         other => outcomes.push((i, other)),
@@ -461,15 +478,19 @@ impl Acceptor {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
+                    let Ok(mut socket) = Socket::new(stream, self.shared.tls.as_ref()) else {
+                        continue;
+                    };
                     if self.conns.len() + self.shared.busy.load(Ordering::Relaxed) >= self.max_conns
                         && !self.evict_idle()
                     {
                         self.shared.service.refused(peer, 503, "server busy");
-                        let _ = (&stream).write(SERVER_BUSY);
+                        // Through TLS nothing can be said before a handshake.
+                        socket.write_now(SERVER_BUSY);
                         continue;
                     }
                     self.conns.push(Held {
-                        stream,
+                        socket,
                         peer: Some(peer),
                         buf: Vec::new(),
                         state: State::Head,
@@ -512,12 +533,14 @@ impl Acceptor {
         }
     }
 
-    /// Reads what a connection has and decides what becomes of it.
+    /// Reads what a connection has and decides what becomes of it. Reads until
+    /// the socket has nothing more (or the head is complete), so that no
+    /// decrypted TLS bytes are left where `poll` cannot see them.
     fn on_readable(&mut self, i: usize) -> Action {
         let c = &mut self.conns[i];
         let mut chunk = [0u8; 16 * 1024];
         if c.state == State::Linger {
-            return match (&c.stream).read(&mut chunk) {
+            return match c.socket.tcp().read(&mut chunk) {
                 Ok(0) => Action::Drop,
                 Ok(n) => {
                     c.discarded += n;
@@ -527,29 +550,32 @@ impl Acceptor {
                 Err(_) => Action::Drop,
             };
         }
-        let room = (MAX_HEAD + 1).saturating_sub(c.buf.len()).clamp(1, chunk.len());
-        let n = match (&c.stream).read(&mut chunk[..room]) {
-            Ok(0) => return Action::Drop,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Action::Keep,
-            Err(_) => return Action::Drop,
-        };
-        c.buf.extend_from_slice(&chunk[..n]);
-        if c.state == State::Idle {
-            c.state = State::Head;
-            c.deadline = Instant::now() + self.shared.opts.request_header;
-        }
-        match head::parse(&c.buf) {
-            Ok(Parsed::Partial) => Action::Keep,
-            Ok(Parsed::Complete(h, len)) => Action::Dispatch(Ok((h, len))),
-            Err(e) => Action::Dispatch(Err(e)),
+        loop {
+            let room = (MAX_HEAD + 1).saturating_sub(c.buf.len()).clamp(1, chunk.len());
+            let n = match c.socket.read(&mut chunk[..room]) {
+                Ok(0) => return Action::Drop,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Action::Keep,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Action::Drop,
+            };
+            c.buf.extend_from_slice(&chunk[..n]);
+            if c.state == State::Idle {
+                c.state = State::Head;
+                c.deadline = Instant::now() + self.shared.opts.request_header;
+            }
+            match head::parse(&c.buf) {
+                Ok(Parsed::Partial) => {}
+                Ok(Parsed::Complete(h, len)) => return Action::Dispatch(Ok((h, len))),
+                Err(e) => return Action::Dispatch(Err(e)),
+            }
         }
     }
 
     fn dispatch(&self, held: Held, parsed: Result<(Box<Head>, usize), HeadError>) {
         let peer = held.peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let job =
-            Job { conn: Conn::new(held.stream, peer, held.buf), parsed, queued_at: Instant::now() };
+            Job { conn: Conn::new(held.socket, peer, held.buf), parsed, queued_at: Instant::now() };
         let mut q = lock(&self.shared.queue);
         q.jobs.push_back(job);
         // Idle workers that were notified but have not woken yet still count
@@ -585,14 +611,14 @@ impl Acceptor {
                     if self.drain_deadline.is_some() {
                         continue;
                     }
-                    let (stream, peer, buf) = conn.into_parts();
+                    let (socket, peer, buf) = conn.into_parts();
                     let (state, deadline) = if buf.is_empty() {
                         (State::Idle, now + self.shared.opts.idle)
                     } else {
                         (State::Head, now + self.shared.opts.request_header)
                     };
                     self.conns.push(Held {
-                        stream,
+                        socket,
                         peer: Some(peer),
                         buf,
                         state,
@@ -601,7 +627,7 @@ impl Acceptor {
                     });
                 }
                 Returned::Linger(stream) => self.conns.push(Held {
-                    stream,
+                    socket: Socket::Plain(stream),
                     peer: None,
                     buf: Vec::new(),
                     state: State::Linger,
@@ -619,13 +645,13 @@ impl Acceptor {
                 i += 1;
                 continue;
             }
-            let c = self.conns.swap_remove(i);
+            let mut c = self.conns.swap_remove(i);
             if c.state == State::Head {
                 if let Some(peer) = c.peer {
                     self.shared.service.refused(peer, 408, "request header timeout");
                 }
-                let _ = (&c.stream).write(REQUEST_TIMEOUT);
-                linger_now(c.stream, &mut self.conns, now);
+                c.socket.write_now(REQUEST_TIMEOUT);
+                linger_now(c.socket, &mut self.conns, now);
             }
         }
         // Connections that waited too long for a worker.
@@ -641,9 +667,9 @@ impl Acceptor {
         }
         for job in expired {
             self.shared.service.refused(job.conn.peer, 503, "server busy");
-            let (stream, _, _) = job.conn.into_parts();
-            let _ = (&stream).write(SERVER_BUSY);
-            linger_now(stream, &mut self.conns, now);
+            let (mut socket, _, _) = job.conn.into_parts();
+            socket.write_now(SERVER_BUSY);
+            linger_now(socket, &mut self.conns, now);
         }
     }
 }
@@ -651,10 +677,11 @@ impl Acceptor {
 const SERVER_BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 25\r\nConnection: close\r\n\r\n{\"error\":\"server busy\"}\n";
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: 29\r\nConnection: close\r\n\r\n{\"error\":\"request timeout\"}\n";
 
-fn linger_now(stream: TcpStream, conns: &mut Vec<Held>, now: Instant) {
+fn linger_now(socket: Socket, conns: &mut Vec<Held>, now: Instant) {
+    let stream = socket.into_tcp();
     let _ = stream.shutdown(Shutdown::Write);
     conns.push(Held {
-        stream,
+        socket: Socket::Plain(stream),
         peer: None,
         buf: Vec::new(),
         state: State::Linger,
@@ -782,12 +809,14 @@ fn next_head(shared: &Shared, conn: &mut Conn) -> Option<Result<(Box<Head>, usiz
             return None;
         }
         waited = true;
-        let mut fds = [pollfd(&conn.stream), pollfd(&shared.pressure_rx)];
-        let grace = KEEPALIVE_GRACE.min(shared.opts.idle).as_millis() as libc::c_int;
-        // SAFETY: two valid pollfds.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, grace) };
-        if rc <= 0 || fds[1].revents != 0 {
-            return None;
+        if !conn.socket.has_pending() {
+            let mut fds = [pollfd(conn.socket.tcp()), pollfd(&shared.pressure_rx)];
+            let grace = KEEPALIVE_GRACE.min(shared.opts.idle).as_millis() as libc::c_int;
+            // SAFETY: two valid pollfds.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, grace) };
+            if rc <= 0 || fds[1].revents != 0 {
+                return None;
+            }
         }
         // A closed or failed connection is handed back too; the acceptor
         // notices and drops it.
@@ -800,7 +829,8 @@ fn next_head(shared: &Shared, conn: &mut Conn) -> Option<Result<(Box<Head>, usiz
 /// Closes after a final response: shut our side, then let the acceptor
 /// discard whatever the client still sends.
 fn close(shared: &Shared, conn: Conn) {
-    let (stream, _, _) = conn.into_parts();
+    let (socket, _, _) = conn.into_parts();
+    let stream = socket.into_tcp();
     if stream.shutdown(Shutdown::Write).is_ok() {
         lock(&shared.returned).push(Returned::Linger(stream));
         wake(&shared.wake);

@@ -147,6 +147,7 @@ fn check(path: &str) -> i32 {
             println!("  clients:   {}", c.clients.len());
             println!("  users:     {}", c.users.len());
             println!("  roles:     {}", c.role_policies.len());
+            println!("  tls:       {}", if c.tls.is_some() { "on" } else { "off" });
             0
         }
         Err(errors) => {
@@ -220,6 +221,7 @@ fn run(path: &str) -> i32 {
     }
     log::info!(
         addr = addr.as_str(),
+        scheme = if config.tls.is_some() { "https" } else { "http" },
         upstream = format!("{}{}", config.upstream.origin, config.upstream.base_path).as_str(),
         version = env!("CARGO_PKG_VERSION");
         "listening"

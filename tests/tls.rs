@@ -119,6 +119,8 @@ fn https_requests_are_served_and_forwarded_as_https() {
     let dir = TempDir::new();
     let ca = write_certificate(&dir);
     let butler = Butler::start_in(&dir, &tls_yaml(&fake, &dir), &[], &[]);
+    let listening = butler.wait_log(|l| l["msg"] == "listening", WAIT).expect("listening line");
+    assert_eq!(listening["scheme"], "https");
 
     let mut tls = connect(butler.addr(), &ca);
     let body = r#"{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -263,6 +265,7 @@ fn check_reports_unreadable_and_mismatched_certificate_files() {
     dir.write("good.yaml", &yaml(&cert, &key));
     let ok = run_cli_in(dir.path(), &["check", "--config", "good.yaml"], &[], None);
     assert_eq!(ok.0, 0, "{}", ok.2);
+    assert!(ok.1.contains("  tls:       on"), "{}", ok.1);
 
     dir.write("missing.yaml", &yaml("/nonexistent/cert.pem", &key));
     let missing = run_cli_in(dir.path(), &["check", "--config", "missing.yaml"], &[], None);
@@ -319,4 +322,47 @@ fn sighup_loads_renewed_certificate_files() {
     });
     let err = err.expect_err("the old CA does not verify the new certificate");
     assert!(err.to_string().contains("certificate"), "{err}");
+}
+
+/// Over TLS, only `close_notify` tells a close-delimited body from a cut one. An HTTP/1.0
+/// stream that the upstream abandons half-way must end without it; a whole one ends with it.
+#[test]
+fn a_cut_close_delimited_stream_ends_without_close_notify() {
+    let fake = FakeOllama::start_with(Behavior {
+        tokens: 3,
+        drop_after_tokens: Some(1),
+        ..Behavior::default()
+    });
+    let dir = TempDir::new();
+    let ca = write_certificate(&dir);
+    let butler = Butler::start_in(&dir, &tls_yaml(&fake, &dir), &[], &[]);
+    let body = r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#;
+    let request = format!(
+        "POST /api/chat HTTP/1.0\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let end = |tls: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>| {
+        tls.write_all(request.as_bytes()).expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tls.read(&mut buf) {
+                Ok(0) => return (got, "close_notify".to_string()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return (got, format!("{:?}", e.kind())),
+            }
+        }
+    };
+
+    let (got, how) = end(&mut connect(butler.addr(), &ca));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("tok0") && !text.contains("\"done\":true"), "{text}");
+    assert_eq!(how, "UnexpectedEof", "{text}");
+
+    fake.update_behavior(|b| b.drop_after_tokens = None);
+    let (got, how) = end(&mut connect(butler.addr(), &ca));
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("\"done\":true"), "{text}");
+    assert_eq!(how, "close_notify", "{text}");
 }

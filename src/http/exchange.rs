@@ -69,6 +69,8 @@ pub struct Exchange<'c> {
     body_read: u64,
     resp: Resp,
     keep_alive: bool,
+    /// The response was given up half-way (see [`Exchange::abort`]).
+    aborted: bool,
     /// Headers added to every response (request id, …).
     extra: Vec<(&'static str, String)>,
     scratch: Vec<u8>,
@@ -109,6 +111,7 @@ impl<'c> Exchange<'c> {
             body_read: 0,
             resp: Resp::NotStarted,
             keep_alive,
+            aborted: false,
             extra: Vec::new(),
             scratch: Vec::new(),
             status: 0,
@@ -480,7 +483,15 @@ impl<'c> Exchange<'c> {
         self.keep_alive = false;
         if !matches!(self.resp, Resp::NotStarted) {
             self.resp = Resp::Done;
+            self.aborted = true;
         }
+    }
+
+    /// Whether the response was cut short: the connection must then close
+    /// without a TLS `close_notify`, which would vouch for a complete
+    /// (close-delimited) body.
+    pub fn aborted(&self) -> bool {
+        self.aborted
     }
 }
 

@@ -678,7 +678,7 @@ const SERVER_BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: a
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: 29\r\nConnection: close\r\n\r\n{\"error\":\"request timeout\"}\n";
 
 fn linger_now(socket: Socket, conns: &mut Vec<Held>, now: Instant) {
-    let stream = socket.into_tcp();
+    let stream = socket.into_tcp(true);
     let _ = stream.shutdown(Shutdown::Write);
     conns.push(Held {
         socket: Socket::Plain(stream),
@@ -749,7 +749,7 @@ fn serve(shared: &Shared, job: Job) {
                     body.len()
                 );
                 let _ = conn.write_all(response.as_bytes(), shared.opts.request_body);
-                return close(shared, conn);
+                return close(shared, conn, true);
             }
         };
         conn.consume(len);
@@ -778,10 +778,10 @@ fn serve(shared: &Shared, job: Job) {
                 let _ = ex.respond_json(500, "{\"error\":\"internal error\"}\n");
             }
         }
-        let keep = ex.keep_alive();
+        let (keep, clean) = (ex.keep_alive(), !ex.aborted());
         drop(ex);
         if !keep {
-            return close(shared, conn);
+            return close(shared, conn, clean);
         }
         match next_head(shared, &mut conn) {
             Some(next) => parsed = next,
@@ -828,9 +828,9 @@ fn next_head(shared: &Shared, conn: &mut Conn) -> Option<Result<(Box<Head>, usiz
 
 /// Closes after a final response: shut our side, then let the acceptor
 /// discard whatever the client still sends.
-fn close(shared: &Shared, conn: Conn) {
+fn close(shared: &Shared, conn: Conn, clean: bool) {
     let (socket, _, _) = conn.into_parts();
-    let stream = socket.into_tcp();
+    let stream = socket.into_tcp(clean);
     if stream.shutdown(Shutdown::Write).is_ok() {
         lock(&shared.returned).push(Returned::Linger(stream));
         wake(&shared.wake);

@@ -141,13 +141,15 @@ impl Socket {
         }
     }
 
-    /// Ends the connection: a TLS `close_notify` (sent if the socket takes it
-    /// now), then the TCP connection alone, for lingering.
-    pub fn into_tcp(self) -> TcpStream {
+    /// Ends the connection and hands back the TCP connection alone, for
+    /// lingering. With `clean`, a TLS `close_notify` goes first (if the
+    /// socket takes it now); without, the peer sees a truncation, as it must
+    /// when a response was cut short.
+    pub fn into_tcp(self, clean: bool) -> TcpStream {
         match self {
             Socket::Plain(s) => s,
             Socket::Tls(mut t) => {
-                if !t.session.is_handshaking() {
+                if clean && !t.session.is_handshaking() {
                     t.session.send_close_notify();
                 }
                 let _ = t.flush();

@@ -11,25 +11,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, ServerName};
+use support::certs::TestCert;
 use support::setup::{KEY, WAIT, config};
 use support::{Behavior, Butler, FakeOllama, TempDir, run_cli_in};
 
-/// A test CA and a certificate for 127.0.0.1 it signed, written as PEM files into `dir`.
+/// A fresh test CA and a server certificate it signed, written as PEM files into `dir`.
 /// Returns the CA certificate (DER) for the client's trust store.
 fn write_certificate(dir: &TempDir) -> CertificateDer<'static> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.distinguished_name.push(DnType::CommonName, "butler test CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
-    let ca = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().expect("server key");
-    let params = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("server params");
-    let cert = params.signed_by(&key, &ca).expect("server certificate");
-    dir.write("cert.pem", &cert.pem());
-    dir.write("key.pem", &key.serialize_pem());
-    ca_cert.der().clone()
+    let cert = TestCert::issue("butler test CA");
+    dir.write("cert.pem", &cert.cert_pem);
+    dir.write("key.pem", &cert.key_pem);
+    cert.ca_der
 }
 
 fn tls_yaml(fake: &FakeOllama, dir: &TempDir) -> String {

@@ -26,7 +26,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
 
 /// The audience [`TestIdp::claims`] puts in tokens: configure butler's `client_id` with it.
@@ -155,7 +154,8 @@ fn b64json(value: &Value) -> String {
 impl TestIdp {
     /// Generates the CA, the server certificate and the signing keys, and starts serving.
     pub fn start() -> TestIdp {
-        let (ca_pem, server_config) = tls_setup();
+        let cert = super::certs::TestCert::issue("butler test IdP CA");
+        let (ca_pem, server_config) = (cert.ca_pem.clone(), cert.server_config());
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the test IdP");
         let addr = listener.local_addr().expect("test IdP address");
         let issuer = format!("https://{addr}");
@@ -325,43 +325,6 @@ impl Drop for TestIdp {
         // Wake the accept loop so that it sees the flag.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
     }
-}
-
-/// A CA (its PEM) and the server's TLS configuration with a certificate it signed.
-fn tls_setup() -> (String, Arc<rustls::ServerConfig>) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.distinguished_name.push(DnType::CommonName, "butler test IdP CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
-    let ca = Issuer::new(ca_params, ca_key);
-
-    let server_key = KeyPair::generate().expect("server key");
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-        .expect("server params");
-    params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let server_cert = params.signed_by(&server_key, &ca).expect("server certificate");
-
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
-    let chain: Vec<CertificateDer<'static>> = vec![server_cert.der().clone()];
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("server TLS config");
-    (ca_cert.pem(), Arc::new(config))
 }
 
 /// Answers one request on one TLS connection, then closes it.

@@ -12,6 +12,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod butler;
+pub mod certs;
 pub mod client;
 pub mod fake_ollama;
 pub mod idp;

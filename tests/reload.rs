@@ -4,10 +4,10 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::setup::{WAIT, assert_error};
-use support::{Behavior, Butler, FakeOllama, StreamingResponse, get, request};
+use support::{Behavior, Butler, Event, FakeOllama, StreamingResponse, get, request};
 
 fn yaml(upstream: &str, clients: &str) -> String {
     format!("listen: \"127.0.0.1:0\"\nupstream: \"{upstream}\"\nclients:\n{clients}")
@@ -19,18 +19,6 @@ const B: &str = "  - name: b\n    key: \"sk-reload-b\"\n    allow_models: [\"lla
 
 fn tags(butler: &Butler, key: &str) -> support::Response {
     get(butler.addr(), "/api/tags", &[("Authorization", &format!("Bearer {key}"))])
-}
-
-/// Polls `f` until it returns true or `WAIT` passes.
-fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 fn reloads(butler: &Butler, result: &str) -> String {
@@ -78,8 +66,11 @@ fn a_changed_file_is_picked_up_and_a_bad_one_refused() {
 
     // Without any signal: the watcher notices the new content.
     let wider = B.replace("[\"llama3.2\"]", "[\"llama3.2\", \"qwen2.5\"]");
+    let mark = butler.log_mark();
     butler.rewrite_config(&yaml(&fake.url(), &wider));
-    assert!(eventually(|| chat("qwen2.5").status == 200), "the file change was not applied");
+    let reloaded = butler.wait_log_since(mark, |l| l["msg"] == "config reloaded", WAIT);
+    assert_eq!(reloaded.expect("the file change was noticed")["trigger"], "file changed");
+    assert_eq!(chat("qwen2.5").status, 200);
 
     // A broken file is refused; the running config stays.
     let mark = butler.log_mark();
@@ -103,7 +94,7 @@ fn a_changed_file_is_picked_up_and_a_bad_one_refused() {
 #[test]
 fn a_request_in_flight_finishes_under_its_policy() {
     let fake = FakeOllama::start_with(Behavior {
-        token_delay: Duration::from_millis(200),
+        token_delay: Duration::from_millis(500),
         tokens: 4,
         ..Behavior::default()
     });
@@ -121,6 +112,11 @@ fn a_request_in_flight_finishes_under_its_policy() {
     butler.rewrite_config(&yaml(&fake.url(), &B.replace("llama3.2", "qwen2.5")));
     butler.sighup();
     assert!(butler.wait_log_since(mark, |l| l["msg"] == "config reloaded", WAIT).is_some());
+    // The reload really happened while the stream ran.
+    assert!(
+        !fake.event_log().iter().any(|e| matches!(e, Event::ResponseComplete { .. })),
+        "the stream ended before the reload; nothing was tested"
+    );
     let body = String::from_utf8(stream.read_to_end(WAIT)).unwrap();
     assert_eq!(stream.end(), Some(support::StreamEnd::Clean));
     assert!(body.contains("\"done\":true"), "{body}");

@@ -130,27 +130,34 @@ impl Ledger {
             return Ok(());
         }
         let mut accounts = self.lock();
-        let Some(account) = accounts.get_mut(key) else { return Ok(()) };
+        // A subject not seen yet has used nothing (and a budget of 0 is
+        // reached already).
+        let mut fresh = Account::default();
+        let account = accounts.get_mut(key).unwrap_or(&mut fresh);
         let used = account.used(now);
-        let mut wait = 0;
+        let mut refused: Option<u64> = None;
+        let mut refuse = |wait: u64| refused = Some(refused.map_or(wait, |w| w.max(wait)));
         if budget.per_month.is_some_and(|limit| used.month >= limit) {
-            wait = wait.max(next_month_start(account.month.0).saturating_sub(now));
+            refuse(next_month_start(month_of(now)).saturating_sub(now));
         }
         if budget.per_day.is_some_and(|limit| used.day >= limit) {
-            wait = wait.max((account.day.0 + 1) * 86_400 - now);
+            refuse((day_of(now) + 1) * 86_400 - now);
         }
         if let Some(limit) = budget.per_minute.filter(|l| used.minute >= *l) {
-            // Until enough of the minute's charges have aged out.
+            // Until enough of the minute's charges have aged out; with a
+            // budget of 0, never: a whole minute.
             let mut left = used.minute;
+            let mut wait = MINUTE;
             for (t, n) in &account.minute {
                 left -= n;
                 if left < limit {
-                    wait = wait.max(t + MINUTE - now);
+                    wait = t + MINUTE - now;
                     break;
                 }
             }
+            refuse(wait);
         }
-        if wait == 0 { Ok(()) } else { Err(wait.max(1)) }
+        refused.map_or(Ok(()), |wait| Err(wait.max(1)))
     }
 
     /// Records an admitted request (for the `requests` part of the usage).
@@ -241,6 +248,20 @@ mod tests {
     use super::*;
 
     const T0: u64 = 1_801_353_600; // 2027-01-31T00:00:00Z
+
+    #[test]
+    fn a_budget_of_zero_refuses_from_the_start() {
+        let l = Ledger::new();
+        for budget in [
+            TokenBudget { per_minute: Some(0), ..TokenBudget::default() },
+            TokenBudget { per_day: Some(0), ..TokenBudget::default() },
+            TokenBudget { per_month: Some(0), ..TokenBudget::default() },
+        ] {
+            assert!(l.check("nobody-yet", &budget, T0).is_err(), "{budget:?}");
+        }
+        let minute = TokenBudget { per_minute: Some(0), ..TokenBudget::default() };
+        assert_eq!(l.check("nobody-yet", &minute, T0), Err(60));
+    }
 
     #[test]
     fn minute_budget_slides() {

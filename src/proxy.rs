@@ -296,12 +296,18 @@ impl Proxy {
         if let (Some(rewrite), 200, false) = (rewrite, status, no_body) {
             let mut original = Vec::new();
             let read = body.into_reader().take(MAX_REWRITE + 1).read_to_end(&mut original);
-            let rewritten = match read {
-                Ok(n) if n as u64 <= MAX_REWRITE => rewrite(&original),
-                _ => None,
+            let (rewritten, why) = match read {
+                Ok(n) if n as u64 <= MAX_REWRITE => (rewrite(&original), "not valid JSON"),
+                Ok(_) => (None, "too large"),
+                Err(_) if hung_up.load(Ordering::SeqCst) => {
+                    ex.abort();
+                    outcome.error = Some("client closed");
+                    return outcome;
+                }
+                Err(_) => (None, "cut short"),
             };
             let Some(new_body) = rewritten else {
-                log::warn!(request_id = request_id; "upstream listing is not valid JSON");
+                log::warn!(request_id = request_id, problem = why; "unusable upstream listing");
                 let _ = ex.respond_json(502, "{\"error\":\"upstream unavailable\"}\n");
                 outcome.status = 502;
                 outcome.error = Some("invalid upstream listing");
@@ -325,7 +331,9 @@ impl Proxy {
         }
 
         let mut reader = body.into_reader();
-        let mut buf = vec![0u8; COPY_BUF];
+        // Room for chunk framing (size line and CRLF, at most 8 bytes here)
+        // keeps a framed full read within one 16 KiB TLS record.
+        let mut buf = vec![0u8; COPY_BUF - 16];
         loop {
             match reader.read(&mut buf) {
                 Ok(0) => {
@@ -350,16 +358,16 @@ impl Proxy {
                         }
                         None => false,
                     };
-                    let mut out = match &mut metered {
+                    let out = match &mut metered {
                         Some(m) => m.tap.feed(&buf[..n]),
                         None => std::borrow::Cow::Borrowed(&buf[..n]),
                     };
                     if last && let Some(m) = metered.take() {
+                        // A length-framed body is tapped without hiding, so
+                        // the tap holds nothing back.
                         let (rest, usage) = m.close();
+                        debug_assert!(rest.is_empty());
                         outcome.usage = usage;
-                        if !rest.is_empty() {
-                            out.to_mut().extend_from_slice(&rest);
-                        }
                     }
                     // An empty chunk would end a chunked body: send nothing.
                     if !out.is_empty() && ex.send(&out).is_err() {

@@ -226,11 +226,8 @@ impl Tap {
                 out.buf.append(&mut self.held);
                 out.pass(chunk.len());
             } else {
-                if !rest.is_empty() {
-                    out.modify();
-                }
+                // Held, not sent: the output ends at `out.pos`.
                 self.held.extend_from_slice(rest);
-                out.pos = chunk.len();
             }
         } else {
             out.pass(chunk.len());
@@ -471,8 +468,9 @@ impl<'c> Out<'c> {
         }
     }
 
+    /// Everything sent: `buf` once modified, else the prefix of `chunk` up to `pos`.
     fn finish(self) -> Cow<'c, [u8]> {
-        if self.modified { Cow::Owned(self.buf) } else { Cow::Borrowed(self.chunk) }
+        if self.modified { Cow::Owned(self.buf) } else { Cow::Borrowed(&self.chunk[..self.pos]) }
     }
 }
 

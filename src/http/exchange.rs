@@ -3,7 +3,7 @@
 //! itself and hands every chunk to the socket at once (no userspace buffer, so
 //! each NDJSON line or SSE event leaves as soon as the upstream produced it).
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
 use super::chunked::Decoder;
@@ -429,7 +429,8 @@ impl<'c> Exchange<'c> {
             Resp::Chunked => {
                 let mut out = std::mem::take(&mut self.scratch);
                 out.clear();
-                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                // Written straight into the reused buffer: no allocation per chunk.
+                let _ = write!(out, "{:x}\r\n", data.len());
                 out.extend_from_slice(data);
                 out.extend_from_slice(b"\r\n");
                 let r = self.conn.write_all(&out, self.write_stall);

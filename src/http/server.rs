@@ -198,7 +198,8 @@ struct Shared {
 impl Shared {
     /// Sets or clears the pressure signal; call with the queue locked.
     fn set_pressure(&self, q: &mut Queue, on: bool) {
-        if q.pressure == on {
+        // Once draining, it stays on: every idle keep-alive connection goes.
+        if q.pressure == on || (!on && self.shutdown.load(Ordering::SeqCst)) {
             return;
         }
         q.pressure = on;
@@ -478,17 +479,19 @@ impl Acceptor {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    let Ok(mut socket) = Socket::new(stream, self.shared.tls.as_ref()) else {
-                        continue;
-                    };
                     if self.conns.len() + self.shared.busy.load(Ordering::Relaxed) >= self.max_conns
                         && !self.evict_idle()
                     {
                         self.shared.service.refused(peer, 503, "server busy");
                         // Through TLS nothing can be said before a handshake.
-                        socket.write_now(SERVER_BUSY);
+                        if self.shared.tls.is_none() {
+                            let _ = (&stream).write(SERVER_BUSY);
+                        }
                         continue;
                     }
+                    let Ok(socket) = Socket::new(stream, self.shared.tls.as_ref()) else {
+                        continue;
+                    };
                     self.conns.push(Held {
                         socket,
                         peer: Some(peer),

@@ -319,7 +319,9 @@ enum PredictField {
 pub enum Limit {
     /// A number as sent (compared numerically, printed as sent).
     Value(Num),
-    /// A negative number: no limit at all.
+    /// Below 1: no limit at all. Ollama treats a negative count as
+    /// "generate until done" and its runners stop on a count only when it is
+    /// above 0, so 0 (or a fraction Go truncates to 0) is unbounded too.
     Unbounded(Num),
 }
 
@@ -409,7 +411,7 @@ pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request, String> {
         number(json.field("max_output_tokens")),
     ];
     let predict = predict_values.into_iter().flatten().fold(None, |acc: Option<Limit>, n| {
-        let this = if n.as_f64() < 0.0 { Limit::Unbounded(n) } else { Limit::Value(n) };
+        let this = if n.as_f64() < 1.0 { Limit::Unbounded(n) } else { Limit::Value(n) };
         match (acc, this) {
             (Some(Limit::Unbounded(a)), _) => Some(Limit::Unbounded(a)),
             (_, Limit::Unbounded(b)) => Some(Limit::Unbounded(b)),

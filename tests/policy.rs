@@ -438,6 +438,14 @@ fn known_bypasses_are_refused_before_the_upstream() {
         (400, "num_predict -1 exceeds limit of 512", vec![
             (r, "/api/chat", r#"{"model":"llama3.2","options":{"num_predict":-1}}"#.into()),
         ]),
+        // Ollama's runners stop on a count only above 0: 0 means no limit either.
+        (400, "num_predict 0 exceeds limit of 512", vec![
+            (r, "/api/chat", r#"{"model":"llama3.2","max_tokens":0}"#.into()),
+            (r, "/v1/chat/completions", r#"{"model":"llama3.2","max_tokens":0}"#.into()),
+        ]),
+        (400, "num_predict 0.5 exceeds limit of 512", vec![
+            (r, "/api/generate", r#"{"model":"llama3.2","options":{"num_predict":0.5}}"#.into()),
+        ]),
         (400, "num_predict 513 exceeds limit of 512", vec![
             (r, "/v1/responses", r#"{"model":"llama3.2","max_output_tokens":513}"#.into()),
             (r, "/v1/chat/completions", r#"{"model":"llama3.2","max_completion_tokens":513}"#.into()),

@@ -112,8 +112,20 @@ impl Live {
     pub fn reload(&self, why: &str) -> bool {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.current();
-        let result = Config::load_for_run(&self.path)
-            .and_then(|c| App::new(&c, Some(&old)).map(|app| (c, app)).map_err(|e| vec![e]));
+        // The stamp before the read and the digest of the very bytes parsed:
+        // a write that lands during the reload leaves a stamp that differs,
+        // so the watcher loads it next, instead of recording it as loaded.
+        loaded.stamp = stamp(&self.path);
+        let result = match std::fs::read_to_string(&self.path) {
+            Ok(text) => {
+                loaded.digest = Sha256::digest(text.as_bytes()).into();
+                Config::parse_for_run(&text)
+            }
+            Err(e) => Err(vec![format!("cannot read config file {}: {e}", self.path)]),
+        };
+        let result =
+            result.and_then(|c| App::new(&c, Some(&old)).map(|app| (c, app)).map_err(|e| vec![e]));
+        // A failed file is not retried until it changes again.
         match result {
             Ok((config, app)) => {
                 let fixed = Fixed::of(&config);
@@ -126,16 +138,11 @@ impl Live {
                     live.replace(new.clone());
                 }
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(app);
-                loaded.digest = digest_of(&self.path).unwrap_or_default();
-                loaded.stamp = stamp(&self.path);
                 old.metrics().reloaded(true);
                 log::info!(trigger = why, path = self.path.as_str(); "config reloaded");
                 true
             }
             Err(errors) => {
-                // Not retried until the file changes again.
-                loaded.digest = digest_of(&self.path).unwrap_or_default();
-                loaded.stamp = stamp(&self.path);
                 old.metrics().reloaded(false);
                 log::error!(trigger = why, path = self.path.as_str(),
                     errors:% = errors.join("; "); "config reload failed; keeping the running config");

@@ -198,19 +198,20 @@ pub struct Client {
 }
 
 impl Config {
-    /// Reads and validates the file at `path`, expanding `${VAR}` from the
-    /// process environment.
-    pub fn load(path: &str) -> Result<Config, Vec<String>> {
+    /// Reads and validates the file at `path`, expanding `${VAR}` and applying
+    /// the `BUTLER_*` overrides from the process environment: what `butler`
+    /// and `butler check` use.
+    pub fn load_for_run(path: &str) -> Result<Config, Vec<String>> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| vec![format!("cannot read config file {path}: {e}")])?;
-        Config::parse(&text, &|name| std::env::var(name).ok())
+        Config::parse_for_run(&text)
     }
 
-    /// Reads the file and applies the `BUTLER_*` overrides from the process
-    /// environment: what `butler`, `butler check` and every reload use.
-    pub fn load_for_run(path: &str) -> Result<Config, Vec<String>> {
+    /// [`Config::load_for_run`] on text already read (a reload digests the
+    /// very bytes it parses).
+    pub fn parse_for_run(text: &str) -> Result<Config, Vec<String>> {
+        let mut config = Config::parse(text, &|name| std::env::var(name).ok())?;
         let env = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
-        let mut config = Config::load(path)?;
         config.apply_env_overrides(&env)?;
         Ok(config)
     }

@@ -54,11 +54,6 @@ impl JwtIssuer {
         JwtIssuer { encoding, decoding, validation, expiry }
     }
 
-    /// How long issued tokens are valid.
-    pub fn expiry(&self) -> Duration {
-        self.expiry
-    }
-
     /// Signs `{"sub": user, "iat": now, "exp": now + expiry, "iss": "butler"}` with HS256.
     pub fn issue(&self, user: &str, now: SystemTime) -> String {
         let iat = unix_secs(now).floor() as u64;

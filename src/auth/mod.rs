@@ -16,7 +16,7 @@ use base64::Engine;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::addr::Cidr;
-use crate::config::{AuthMode, Client, Config, sha256};
+use crate::config::{Client, Config, sha256};
 use crate::http::Head;
 use crate::limits::RateLimiter;
 use crate::policy::{Grant, Policy};
@@ -94,7 +94,6 @@ enum Credential {
 /// prescribes: API key, then standalone JWT (and users' passwords), then
 /// OIDC. Sources the mode does not use are never consulted.
 pub struct Authenticator {
-    mode: AuthMode,
     keys: KeyStore,
     users: HashMap<String, Arc<Grant>>,
     passwords: Passwords,
@@ -102,8 +101,9 @@ pub struct Authenticator {
     /// The verifier and the settings it was started with.
     oidc: Option<(OidcSettings, Arc<Oidc>)>,
     roles: Vec<(String, Arc<Policy>)>,
-    /// Password checks (logins and Basic auth) per user name and per address.
-    attempts: RateLimiter,
+    /// Password checks (logins and Basic auth) per user name and per
+    /// address; carried over by reloads, like every limiter (SPEC §11).
+    attempts: Arc<RateLimiter>,
     attempt_rate: Option<crate::limits::Rate>,
 }
 
@@ -133,7 +133,6 @@ impl Authenticator {
             Vec::new()
         };
         Ok(Authenticator {
-            mode,
             keys: KeyStore::new(if mode.uses_keys() { &config.clients } else { &[] }),
             users: config
                 .users
@@ -145,7 +144,8 @@ impl Authenticator {
             jwt,
             oidc,
             roles: config.role_policies.clone(),
-            attempts: RateLimiter::new(None),
+            attempts: previous
+                .map_or_else(|| Arc::new(RateLimiter::new(None)), |p| p.attempts.clone()),
             attempt_rate: config.auth.login_rate_limit,
         })
     }
@@ -239,12 +239,11 @@ impl Authenticator {
         let now = Instant::now();
         if !self.passwords.is_cached(user, password, now) {
             self.attempt(user, peer, now).map_err(|_| Failure::Throttled)?;
+            if !self.passwords.verify_and_remember(user, password, now) {
+                return Err(Failure::Invalid);
+            }
         }
-        if self.passwords.verify_cached(user, password, now) {
-            self.user(user).ok_or(Failure::Invalid)
-        } else {
-            Err(Failure::Invalid)
-        }
+        self.user(user).ok_or(Failure::Invalid)
     }
 
     /// Counts one password check against the per-address and per-user
@@ -284,10 +283,6 @@ impl Authenticator {
             grant: Arc::new(Grant::merge(parts)),
             allow_ips: None,
         })
-    }
-
-    pub fn mode(&self) -> AuthMode {
-        self.mode
     }
 }
 
@@ -420,14 +415,13 @@ mod tests {
     fn who(headers: &str) -> Result<String, Failure> {
         let store = store();
         let auth = Authenticator {
-            mode: AuthMode::ApiKey,
             keys: store,
             users: HashMap::new(),
             passwords: Passwords::new(&[]),
             jwt: None,
             oidc: None,
             roles: Vec::new(),
-            attempts: RateLimiter::new(None),
+            attempts: Arc::new(RateLimiter::new(None)),
             attempt_rate: None,
         };
         auth.authenticate(&head(headers), IpAddr::from([127, 0, 0, 1])).map(|i| i.name)

@@ -16,9 +16,6 @@ pub const MAX_COST: u32 = 14;
 /// How long a successful verification is remembered.
 pub const CACHE_TTL: Duration = Duration::from_secs(5 * 60);
 
-/// How many successful verifications are remembered at most.
-pub const CACHE_CAPACITY: usize = 1024;
-
 /// Salt and digest of a well-formed bcrypt hash; only its cost (spliced in) matters, since it is
 /// used to make unknown users pay for one bcrypt run.
 const DUMMY_SALT_AND_HASH: &str = "EGdrhbKUv8Oc9vGiXX0HQOxSg445d458Muh7DAHskb6QbtCvdxcie";
@@ -29,9 +26,9 @@ pub struct Passwords {
     /// A hash of the highest configured cost that no password is checked against for real.
     dummy: String,
     /// Per user name: the digest of the last credentials that passed bcrypt, and when that
-    /// success stops counting. One entry per user: a user has one password.
+    /// success stops counting. One entry per configured user (a user has one password, and
+    /// unknown names are never cached), so the map is bounded by the configuration.
     cache: Mutex<HashMap<String, CacheEntry>>,
-    cache_capacity: usize,
     bcrypt_runs: AtomicUsize,
 }
 
@@ -58,7 +55,6 @@ impl Passwords {
             users: users.iter().cloned().collect(),
             dummy: format!("$2b${cost:02}${DUMMY_SALT_AND_HASH}"),
             cache: Mutex::new(HashMap::new()),
-            cache_capacity: CACHE_CAPACITY,
             bcrypt_runs: AtomicUsize::new(0),
         }
     }
@@ -76,45 +72,27 @@ impl Passwords {
         }
     }
 
-    /// As [`Passwords::verify`], but a success for the same user, password and hash within the
-    /// last [`CACHE_TTL`] is answered from memory. Only successes are cached; a change of the
-    /// user's hash makes the cached success useless (the hash is part of the key).
-    pub fn verify_cached(&self, user: &str, password: &str, now: Instant) -> bool {
+    /// As [`Passwords::verify`], and a success is remembered for [`CACHE_TTL`] (see
+    /// [`Passwords::is_cached`]). Only successes are remembered; a change of the user's hash
+    /// makes a remembered success useless (the hash is part of the key).
+    pub fn verify_and_remember(&self, user: &str, password: &str, now: Instant) -> bool {
         let Some(hash) = self.users.get(user) else {
             return self.verify(user, password);
         };
-        let digest = cache_key(user, password, hash);
-        if self.cache_hit(user, &digest, now) {
-            return true;
-        }
         // The lock is not held while bcrypt runs.
         if !self.bcrypt(password, hash) {
             return false;
         }
-        let Some(expires) = now.checked_add(CACHE_TTL) else {
-            return true;
-        };
-        let mut cache = self.lock_cache();
-        if cache.len() >= self.cache_capacity && !cache.contains_key(user) {
-            cache.retain(|_, e| now < e.expires);
-            while cache.len() >= self.cache_capacity {
-                // All entries live equally long: the first to expire is the oldest.
-                let Some(oldest) =
-                    cache.iter().min_by_key(|(_, e)| e.expires).map(|(name, _)| name.clone())
-                else {
-                    break;
-                };
-                cache.remove(&oldest);
-            }
-        }
-        if self.cache_capacity > 0 {
-            cache.insert(user.to_owned(), CacheEntry { digest, expires });
+        if let Some(expires) = now.checked_add(CACHE_TTL) {
+            let digest = cache_key(user, password, hash);
+            self.lock_cache().insert(user.to_owned(), CacheEntry { digest, expires });
         }
         true
     }
 
-    /// Whether [`Passwords::verify_cached`] would answer true from the cache right now, without
-    /// running bcrypt (callers rate-limit only the checks that would pay bcrypt).
+    /// Whether these credentials passed [`Passwords::verify_and_remember`] less than
+    /// [`CACHE_TTL`] ago: answered without bcrypt (callers rate-limit only the checks that
+    /// would pay it).
     pub fn is_cached(&self, user: &str, password: &str, now: Instant) -> bool {
         match self.users.get(user) {
             Some(hash) => self.cache_hit(user, &cache_key(user, password, hash), now),
@@ -134,16 +112,6 @@ impl Passwords {
             }
             None => false,
         }
-    }
-
-    /// Whether any user is configured (`/auth/login` answers 404 otherwise).
-    pub fn has_users(&self) -> bool {
-        !self.users.is_empty()
-    }
-
-    /// Whether `user` is a configured user name.
-    pub fn contains(&self, user: &str) -> bool {
-        self.users.contains_key(user)
     }
 
     /// How many bcrypt verifications have run (telemetry; tests use it to check that the
@@ -240,6 +208,11 @@ mod tests {
         bcrypt::hash(password, 4).unwrap()
     }
 
+    /// Basic auth's use: the remembered success, else bcrypt.
+    fn check(p: &Passwords, user: &str, password: &str, now: Instant) -> bool {
+        p.is_cached(user, password, now) || p.verify_and_remember(user, password, now)
+    }
+
     fn users(list: &[(&str, &str)]) -> Vec<(String, String)> {
         list.iter().map(|(u, p)| (u.to_string(), hash(p))).collect()
     }
@@ -255,9 +228,6 @@ mod tests {
         assert!(!p.verify("Alice", "wonderland"));
         assert!(!p.verify("carol", "wonderland"));
         assert!(!p.verify("", ""));
-        assert!(p.has_users());
-        assert!(p.contains("alice"));
-        assert!(!p.contains("carol"));
     }
 
     #[test]
@@ -272,7 +242,7 @@ mod tests {
         assert_eq!(p.bcrypt_runs(), 0);
         assert!(!p.verify("mallory", "a"));
         assert_eq!(p.bcrypt_runs(), 1);
-        assert!(!p.verify_cached("mallory", "a", Instant::now()));
+        assert!(!check(&p, "mallory", "a", Instant::now()));
         assert_eq!(p.bcrypt_runs(), 2);
         assert!(!p.verify("alice", "wrong"));
         assert_eq!(p.bcrypt_runs(), 3);
@@ -281,9 +251,8 @@ mod tests {
     #[test]
     fn no_users() {
         let p = Passwords::new(&[]);
-        assert!(!p.has_users());
         assert!(!p.verify("alice", "x"));
-        assert!(!p.verify_cached("alice", "x", Instant::now()));
+        assert!(!check(&p, "alice", "x", Instant::now()));
         assert_eq!(p.bcrypt_runs(), 2);
     }
 
@@ -291,17 +260,17 @@ mod tests {
     fn cache_hit_avoids_bcrypt() {
         let p = Passwords::new(&users(&[("alice", "wonderland")]));
         let t0 = Instant::now();
-        assert!(p.verify_cached("alice", "wonderland", t0));
+        assert!(check(&p, "alice", "wonderland", t0));
         assert_eq!(p.bcrypt_runs(), 1);
-        assert!(p.verify_cached("alice", "wonderland", t0 + Duration::from_secs(10)));
-        assert!(p.verify_cached("alice", "wonderland", t0 + CACHE_TTL - Duration::from_secs(1)));
+        assert!(check(&p, "alice", "wonderland", t0 + Duration::from_secs(10)));
+        assert!(check(&p, "alice", "wonderland", t0 + CACHE_TTL - Duration::from_secs(1)));
         assert_eq!(p.bcrypt_runs(), 1);
         // A wrong password is never answered from the cache, and failures are not cached.
-        assert!(!p.verify_cached("alice", "wonderlan", t0));
-        assert!(!p.verify_cached("alice", "wonderlan", t0));
+        assert!(!check(&p, "alice", "wonderlan", t0));
+        assert!(!check(&p, "alice", "wonderlan", t0));
         assert_eq!(p.bcrypt_runs(), 3);
         // The right password still hits after a wrong attempt.
-        assert!(p.verify_cached("alice", "wonderland", t0 + Duration::from_secs(20)));
+        assert!(check(&p, "alice", "wonderland", t0 + Duration::from_secs(20)));
         assert_eq!(p.bcrypt_runs(), 3);
         // is_cached answers without bcrypt, and only for the right, fresh credentials.
         assert!(p.is_cached("alice", "wonderland", t0));
@@ -318,11 +287,11 @@ mod tests {
     fn cache_entries_expire() {
         let p = Passwords::new(&users(&[("alice", "wonderland")]));
         let t0 = Instant::now();
-        assert!(p.verify_cached("alice", "wonderland", t0));
-        assert!(p.verify_cached("alice", "wonderland", t0 + CACHE_TTL));
+        assert!(check(&p, "alice", "wonderland", t0));
+        assert!(check(&p, "alice", "wonderland", t0 + CACHE_TTL));
         assert_eq!(p.bcrypt_runs(), 2);
         // Re-verified successes start a new lifetime.
-        assert!(p.verify_cached("alice", "wonderland", t0 + CACHE_TTL + Duration::from_secs(60)));
+        assert!(check(&p, "alice", "wonderland", t0 + CACHE_TTL + Duration::from_secs(60)));
         assert_eq!(p.bcrypt_runs(), 2);
     }
 
@@ -330,59 +299,17 @@ mod tests {
     fn cache_does_not_survive_a_hash_change() {
         let old = Passwords::new(&users(&[("alice", "old-password")]));
         let t0 = Instant::now();
-        assert!(old.verify_cached("alice", "old-password", t0));
+        assert!(check(&old, "alice", "old-password", t0));
         // A reload builds new Passwords: the old password no longer works, the new one does.
         let new = Passwords::new(&users(&[("alice", "new-password")]));
-        assert!(!new.verify_cached("alice", "old-password", t0));
-        assert!(new.verify_cached("alice", "new-password", t0));
+        assert!(!check(&new, "alice", "old-password", t0));
+        assert!(check(&new, "alice", "new-password", t0));
         // And the key itself depends on the hash, so even a shared cache would miss.
         let (h1, h2) = (hash("pw"), hash("pw"));
         assert_ne!(h1, h2);
         assert_ne!(cache_key("alice", "pw", &h1), cache_key("alice", "pw", &h2));
         assert_ne!(cache_key("alice", "pw", &h1), cache_key("alice", "pw2", &h1));
         assert_ne!(cache_key("alice", "pw", &h1), cache_key("alicf", "pw", &h1));
-    }
-
-    #[test]
-    fn cache_is_bounded() {
-        let names: Vec<String> = (0..5).map(|i| format!("user{i}")).collect();
-        let list: Vec<(String, String)> =
-            names.iter().map(|n| (n.clone(), hash(&format!("pw-{n}")))).collect();
-        let mut p = Passwords::new(&list);
-        p.cache_capacity = 3;
-        let t0 = Instant::now();
-        for (i, n) in names.iter().enumerate() {
-            assert!(p.verify_cached(n, &format!("pw-{n}"), t0 + Duration::from_secs(i as u64)));
-            assert!(p.lock_cache().len() <= 3);
-        }
-        assert_eq!(p.bcrypt_runs(), 5);
-        // The oldest (user0, user1) were evicted; the newest are still cached.
-        let now = t0 + Duration::from_secs(10);
-        assert!(p.verify_cached("user4", "pw-user4", now));
-        assert!(p.verify_cached("user3", "pw-user3", now));
-        assert!(p.verify_cached("user2", "pw-user2", now));
-        assert_eq!(p.bcrypt_runs(), 5);
-        assert!(p.verify_cached("user0", "pw-user0", now));
-        assert_eq!(p.bcrypt_runs(), 6);
-        assert_eq!(p.lock_cache().len(), 3);
-        // user2 was the oldest and got evicted for user0.
-        assert!(!p.lock_cache().contains_key("user2"));
-    }
-
-    #[test]
-    fn cache_evicts_expired_before_oldest() {
-        let names: Vec<String> = (0..3).map(|i| format!("user{i}")).collect();
-        let list: Vec<(String, String)> = names.iter().map(|n| (n.clone(), hash(n))).collect();
-        let mut p = Passwords::new(&list);
-        p.cache_capacity = 2;
-        let t0 = Instant::now();
-        assert!(p.verify_cached("user0", "user0", t0));
-        assert!(p.verify_cached("user1", "user1", t0 + CACHE_TTL - Duration::from_secs(1)));
-        // user0 has expired by now: it goes, user1 stays.
-        assert!(p.verify_cached("user2", "user2", t0 + CACHE_TTL));
-        let cache = p.lock_cache();
-        assert!(cache.contains_key("user1") && cache.contains_key("user2"));
-        assert_eq!(cache.len(), 2);
     }
 
     #[test]

@@ -217,18 +217,15 @@ pub struct Grant {
     pub token_budget: TokenBudget,
 }
 
-/// The largest of optional caps, where `None` (no cap) is the largest.
-fn loosest(values: impl Iterator<Item = Option<u64>>) -> Option<u64> {
-    let mut max = Some(0);
-    let mut any = false;
-    for v in values {
-        any = true;
-        max = match (max, v) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            _ => None,
-        };
-    }
-    if any { max } else { None }
+/// The loosest of the parts' values of one cap, where unset (no cap) is the
+/// loosest of all; `looser` orders two set values.
+fn loosest<T: Clone>(
+    parts: &[Arc<Policy>],
+    get: impl Fn(&Policy) -> Option<T>,
+    looser: impl Fn(&T, &T) -> std::cmp::Ordering,
+) -> Option<T> {
+    let values: Option<Vec<T>> = parts.iter().map(|p| get(p)).collect();
+    values?.into_iter().max_by(looser)
 }
 
 /// Requests per second a rate allows; `None` (no limit) is the most.
@@ -243,34 +240,27 @@ impl Grant {
 
     /// Merges the policies of several roles (at least one).
     pub fn merge(parts: Vec<Arc<Policy>>) -> Grant {
-        let allow_manage = parts.iter().any(|p| p.allow_manage);
-        let rate_limit = if parts.iter().any(|p| p.rate_limit.is_none()) {
-            None
-        } else {
-            parts.iter().filter_map(|p| p.rate_limit).max_by(|a, b| {
-                rate_per_sec(a).total_cmp(&rate_per_sec(b)).then(a.count.cmp(&b.count))
-            })
+        let by_rate = |a: &Rate, b: &Rate| {
+            rate_per_sec(a).total_cmp(&rate_per_sec(b)).then(a.count.cmp(&b.count))
         };
+        let cap = |get: fn(&Policy) -> Option<u64>| loosest(&parts, get, u64::cmp);
         Grant {
-            allow_manage,
-            rate_limit,
-            max_concurrent: loosest(parts.iter().map(|p| p.max_concurrent)),
-            max_request_bytes: loosest(parts.iter().map(|p| p.max_request_bytes)),
-            max_ctx: loosest(parts.iter().map(|p| p.max_ctx)),
-            max_predict: loosest(parts.iter().map(|p| p.max_predict)),
+            allow_manage: parts.iter().any(|p| p.allow_manage),
+            rate_limit: loosest(&parts, |p| p.rate_limit, by_rate),
+            max_concurrent: cap(|p| p.max_concurrent),
+            max_request_bytes: cap(|p| p.max_request_bytes),
+            max_ctx: cap(|p| p.max_ctx),
+            max_predict: cap(|p| p.max_predict),
             token_budget: TokenBudget {
-                per_minute: loosest(parts.iter().map(|p| p.token_budget.per_minute)),
-                per_day: loosest(parts.iter().map(|p| p.token_budget.per_day)),
-                per_month: loosest(parts.iter().map(|p| p.token_budget.per_month)),
+                per_minute: cap(|p| p.token_budget.per_minute),
+                per_day: cap(|p| p.token_budget.per_day),
+                per_month: cap(|p| p.token_budget.per_month),
             },
-            max_keep_alive: if parts.iter().any(|p| p.max_keep_alive.is_none()) {
-                None
-            } else {
-                parts
-                    .iter()
-                    .filter_map(|p| p.max_keep_alive.clone())
-                    .max_by(|a, b| a.secs.total_cmp(&b.secs))
-            },
+            max_keep_alive: loosest(
+                &parts,
+                |p| p.max_keep_alive.clone(),
+                |a, b| a.secs.total_cmp(&b.secs),
+            ),
             parts,
         }
     }

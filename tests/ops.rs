@@ -697,7 +697,7 @@ fn version_help_and_usage_errors() {
 fn sigterm_lets_streams_finish_refuses_new_work_and_exits_0() {
     let tokens = 5;
     let fake = FakeOllama::start_with(Behavior {
-        token_delay: Duration::from_millis(200),
+        token_delay: Duration::from_millis(400),
         tokens,
         ..Behavior::default()
     });

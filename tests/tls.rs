@@ -182,7 +182,7 @@ fn pipelined_requests_in_one_tls_connection_are_all_answered() {
 #[test]
 fn streams_arrive_token_by_token_through_tls() {
     let fake = FakeOllama::start_with(Behavior {
-        token_delay: Duration::from_millis(150),
+        token_delay: Duration::from_millis(300),
         tokens: 3,
         ..Behavior::default()
     });

@@ -492,7 +492,7 @@ impl App {
             Ok(None) => return Err(Refusal::BodyTooLarge.into()),
             Err(_) => return Err(body_failed(ex)),
         };
-        let request = inspect::inspect(kind, &body).map_err(Refusal::BadRequest)?;
+        let mut request = inspect::inspect(kind, &body).map_err(Refusal::BadRequest)?;
         let verdict = policy.judge(&request)?;
         plan.model = verdict.models.first().map(|m| m.short().to_owned());
         if kind.is_inference() {
@@ -521,19 +521,20 @@ impl App {
                 );
             }
         }
-        let mut forwarded = verdict.body;
+        // The parsed body is edited in place, and serialised once if it was.
+        let mut edited = verdict
+            .inject_predict
+            .is_some_and(|cap| inspect::inject_predict(kind, &mut request.body, cap));
         plan.tap = usage_format(class, kind).map(|format| (format, false));
         if class == &Class::Inference(inspect::Kind::OpenAiGenerate)
             && ex.head.target.path == "/v1/chat/completions"
-            && let Some(with_usage) =
-                inspect::include_usage(forwarded.as_ref().unwrap_or(&request.body))
+            && inspect::include_usage(&mut request.body)
         {
-            // Ask Ollama for the usage chunk, and hide it from this client.
-            forwarded = Some(with_usage);
+            // Ollama is asked for the usage chunk, which is hidden from this client.
+            edited = true;
             plan.tap = Some((Format::OpenAi, true));
         }
-        // The body is serialised once, and only if it changed.
-        plan.upload = Upload::Bytes(forwarded.map_or(body, |json| json.to_bytes()));
+        plan.upload = Upload::Bytes(if edited { request.body.to_bytes() } else { body });
         Ok(plan)
     }
 }

@@ -571,17 +571,17 @@ fn collect_texts(value: &Json, out: &mut Vec<String>) {
 
 /// For a streamed `/v1/chat/completions` whose client did not ask for usage:
 /// the body with `stream_options.include_usage: true`, so Ollama reports the
-/// tokens (SPEC §9; butler hides the extra chunk from the client). `None`
-/// when nothing needs to change.
-pub fn include_usage(body: &Json) -> Option<Json> {
+/// tokens (SPEC §9; butler hides the extra chunk from the client). Edits
+/// in place; false when nothing needed to change.
+pub fn include_usage(body: &mut Json) -> bool {
     if !matches!(body.field("stream"), Some(Json::Bool(true))) {
-        return None;
+        return false;
     }
     let options = body.field("stream_options");
     if options.and_then(|o| o.field("include_usage")) == Some(&Json::Bool(true)) {
-        return None;
+        return false;
     }
-    let Json::Object(mut entries) = body.clone() else { return None };
+    let Json::Object(entries) = body else { return false };
     let flag = ("include_usage".to_owned(), Json::Bool(true));
     match entries.iter_mut().find(|(k, _)| key_is(k, "stream_options")) {
         Some((_, Json::Object(options))) => {
@@ -591,14 +591,14 @@ pub fn include_usage(body: &Json) -> Option<Json> {
         Some((_, slot)) => *slot = Json::Object(vec![flag]),
         None => entries.push(("stream_options".to_owned(), Json::Object(vec![flag]))),
     }
-    Some(Json::Object(entries))
+    true
 }
 
-/// Returns the body with a generation cap of `value` written where Ollama
-/// reads it for `kind` (SPEC §7.3), or `None` if the route takes none.
-pub fn inject_predict(kind: Kind, body: &Json, value: u64) -> Option<Json> {
-    let field = kind.predict_field()?;
-    let Json::Object(mut entries) = body.clone() else { return None };
+/// Writes a generation cap of `value` where Ollama reads it for `kind`
+/// (SPEC §7.3), in place; false if the route takes none.
+pub fn inject_predict(kind: Kind, body: &mut Json, value: u64) -> bool {
+    let Some(field) = kind.predict_field() else { return false };
+    let Json::Object(entries) = body else { return false };
     let number = Json::Number(Num::U(value));
     match field {
         PredictField::Top(name) => {
@@ -623,7 +623,7 @@ pub fn inject_predict(kind: Kind, body: &Json, value: u64) -> Option<Json> {
             }
         }
     }
-    Some(Json::Object(entries))
+    true
 }
 
 #[cfg(test)]
@@ -762,21 +762,21 @@ mod tests {
     #[test]
     fn injection_writes_where_ollama_reads() {
         let chat = br#"{"model":"a","messages":[],"options":{"temperature":0}}"#;
-        let r = inspect(Kind::OllamaGenerate, chat).unwrap();
-        let out = inject_predict(r.kind, &r.body, 256).unwrap().to_bytes();
+        let inject = |kind, body: &[u8], value| {
+            let mut r = inspect(kind, body).unwrap();
+            inject_predict(r.kind, &mut r.body, value).then(|| r.body.to_bytes())
+        };
+        let out = inject(Kind::OllamaGenerate, chat, 256).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"model":"a","messages":[],"options":{"temperature":0,"num_predict":256}}"#
         );
-        let r = inspect(Kind::OllamaGenerate, br#"{"model":"a","options":null}"#).unwrap();
-        let out = inject_predict(r.kind, &r.body, 7).unwrap().to_bytes();
+        let out = inject(Kind::OllamaGenerate, br#"{"model":"a","options":null}"#, 7).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), r#"{"model":"a","options":{"num_predict":7}}"#);
-        let r =
-            inspect(Kind::OpenAiGenerate, br#"{"model":"a","max_tokens":null,"x":1.5}"#).unwrap();
-        let out = inject_predict(r.kind, &r.body, 256).unwrap().to_bytes();
+        let body = br#"{"model":"a","max_tokens":null,"x":1.5}"#;
+        let out = inject(Kind::OpenAiGenerate, body, 256).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), r#"{"model":"a","x":1.5,"max_tokens":256}"#);
-        let r = inspect(Kind::OpenAiEmbed, br#"{"model":"a"}"#).unwrap();
-        assert!(inject_predict(r.kind, &r.body, 1).is_none());
+        assert!(inject(Kind::OpenAiEmbed, br#"{"model":"a"}"#, 1).is_none());
     }
 
     #[test]
@@ -826,25 +826,22 @@ mod tests {
 
     #[test]
     fn usage_is_requested_for_streamed_chat_completions() {
-        let json = |s: &str| parse_object(s.as_bytes()).unwrap();
-        let out = include_usage(&json(r#"{"model":"m","stream":true}"#)).unwrap();
+        let with_usage = |s: &str| {
+            let mut json = parse_object(s.as_bytes()).unwrap();
+            include_usage(&mut json).then(|| json.to_bytes())
+        };
         assert_eq!(
-            out.to_bytes(),
+            with_usage(r#"{"model":"m","stream":true}"#).unwrap(),
             br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#
         );
-        let out = include_usage(&json(
-            r#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
-        ));
         assert_eq!(
-            out.unwrap().to_bytes(),
+            with_usage(r#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#)
+                .unwrap(),
             br#"{"stream":true,"stream_options":{"x":1,"include_usage":true}}"#
         );
-        assert!(
-            include_usage(&json(r#"{"stream":true,"stream_options":{"include_usage":true}}"#))
-                .is_none()
-        );
-        assert!(include_usage(&json(r#"{"stream":false}"#)).is_none());
-        assert!(include_usage(&json(r#"{"model":"m"}"#)).is_none());
+        assert!(with_usage(r#"{"stream":true,"stream_options":{"include_usage":true}}"#).is_none());
+        assert!(with_usage(r#"{"stream":false}"#).is_none());
+        assert!(with_usage(r#"{"model":"m"}"#).is_none());
     }
 
     #[test]

@@ -22,9 +22,14 @@ fuzz_target!(|data: &[u8]| {
         ..Policy::default()
     }));
     for kind in [Kind::OllamaGenerate, Kind::OpenAiGenerate, Kind::Messages, Kind::Copy] {
-        let Ok(request) = inspect(kind, data) else { continue };
+        let Ok(mut request) = inspect(kind, data) else { continue };
         let Ok(verdict) = policy.judge(&request) else { continue };
-        let forwarded = verdict.body.map_or_else(|| data.to_vec(), |json| json.to_bytes());
+        let forwarded = match verdict.inject_predict {
+            Some(cap) if butler::inspect::inject_predict(kind, &mut request.body, cap) => {
+                request.body.to_bytes()
+            }
+            _ => data.to_vec(),
+        };
         // What is forwarded is still one object that names no denied model.
         let again = inspect(kind, &forwarded).expect("forwarded body re-inspects");
         for name in &again.models {

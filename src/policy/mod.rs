@@ -193,9 +193,10 @@ impl Refusal {
 pub struct Verdict {
     /// The models it names, normalised (the first is the one it runs).
     pub models: Vec<ModelName>,
-    /// A rewritten body (an injected `max_predict`), else the original
-    /// bytes are forwarded untouched.
-    pub body: Option<Json>,
+    /// A generation cap to write into the body (`max_predict`, SPEC §7.3)
+    /// with [`inspect::inject_predict`]; without one (and without other
+    /// edits) the original bytes are forwarded untouched.
+    pub inject_predict: Option<u64>,
 }
 
 /// The effective policy of an authenticated subject: one [`Policy`]
@@ -288,7 +289,7 @@ impl Grant {
             models.push(name);
         }
         let inference = req.kind.is_inference();
-        let mut body = None;
+        let mut inject_predict = None;
         if inference {
             if let (Some(asked), Some(limit)) = (req.num_ctx, self.max_ctx)
                 && asked.as_f64() > limit as f64
@@ -309,11 +310,10 @@ impl Grant {
                     // The client asked for no limit Ollama honours on this
                     // route: write one where Ollama reads it. A limit it set
                     // in another field is kept if it is a whole number.
-                    let value = match req.predict {
+                    inject_predict = Some(match req.predict {
                         Some(Limit::Value(Num::U(n))) => n,
                         _ => limit,
-                    };
-                    body = inspect::inject_predict(req.kind, &req.body, value);
+                    });
                 }
             }
         }
@@ -346,7 +346,7 @@ impl Grant {
                 return Err(Refusal::PromptRejected { pattern });
             }
         }
-        Ok(Verdict { models, body })
+        Ok(Verdict { models, inject_predict })
     }
 
     /// Filters a listing body to the models the subject may use. `None` when
@@ -432,16 +432,17 @@ mod tests {
         assert_eq!(e.message(), "num_predict -1 exceeds limit of 512");
         assert_eq!(e.reason(), "num_predict_exceeded");
         let v = judge(&p, generate, r#"{"model":"m","options":{"num_predict":100}}"#).unwrap();
-        assert!(v.body.is_none(), "an effective limit under the cap forwards the original");
-        let v = judge(&p, generate, r#"{"model":"m"}"#).unwrap();
-        assert_eq!(v.body.unwrap().to_bytes(), br#"{"model":"m","options":{"num_predict":512}}"#);
-        let v = judge(&p, generate, r#"{"model":"m","max_tokens":100}"#).unwrap();
         assert_eq!(
-            v.body.unwrap().to_bytes(),
-            br#"{"model":"m","max_tokens":100,"options":{"num_predict":100}}"#
+            v.inject_predict, None,
+            "an effective limit under the cap forwards the original"
         );
+        let v = judge(&p, generate, r#"{"model":"m"}"#).unwrap();
+        assert_eq!(v.inject_predict, Some(512));
+        // A whole-number limit the route ignores is moved where Ollama reads it.
+        let v = judge(&p, generate, r#"{"model":"m","max_tokens":100}"#).unwrap();
+        assert_eq!(v.inject_predict, Some(100));
         let v = judge(&p, Kind::OpenAiEmbed, r#"{"model":"m","input":"x"}"#).unwrap();
-        assert!(v.body.is_none());
+        assert_eq!(v.inject_predict, None);
     }
 
     #[test]

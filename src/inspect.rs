@@ -65,13 +65,15 @@ impl fmt::Display for Num {
 /// Every field butler reads is ASCII, and the only non-ASCII characters that
 /// fold onto ASCII letters are `ſ` (to `s`) and the Kelvin sign (to `k`).
 pub fn fold_key(key: &str) -> String {
-    key.chars()
-        .map(|c| match c {
-            '\u{17f}' => 's',
-            '\u{212a}' => 'k',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect()
+    key.chars().map(fold_char).collect()
+}
+
+fn fold_char(c: char) -> char {
+    match c {
+        '\u{17f}' => 's',
+        '\u{212a}' => 'k',
+        c => c.to_ascii_lowercase(),
+    }
 }
 
 /// Whether `key` names the (ASCII, lowercase) field `field` for Go.
@@ -79,20 +81,10 @@ pub fn key_is(key: &str, field: &str) -> bool {
     if key.len() == field.len() {
         return key.eq_ignore_ascii_case(field);
     }
-    // Only the 2- and 3-byte folding characters can make lengths differ.
+    // Only the 2- and 3-byte folding characters can make lengths differ;
+    // any other non-ASCII character folds to itself and matches nothing.
     let mut expected = field.chars();
-    for c in key.chars() {
-        let folded = match c {
-            '\u{17f}' => 's',
-            '\u{212a}' => 'k',
-            c if c.is_ascii() => c.to_ascii_lowercase(),
-            _ => return false,
-        };
-        if expected.next() != Some(folded) {
-            return false;
-        }
-    }
-    expected.next().is_none()
+    key.chars().all(|c| expected.next() == Some(fold_char(c))) && expected.next().is_none()
 }
 
 impl Json {

@@ -95,15 +95,12 @@ impl Metrics {
     ) {
         let mut f = self.lock();
         // A full family first loses the model, then the client (SPEC §10).
-        let key = (client.to_owned(), model.to_owned(), path, status);
-        let key = if f.requests.len() < MAX_SERIES || f.requests.contains_key(&key) {
-            key
-        } else {
+        let key = bounded(&f.requests, (client.to_owned(), model.to_owned(), path, status), || {
             let other_model = (client.to_owned(), "other".to_owned(), path, status);
             bounded(&f.requests, other_model, || {
                 ("other".to_owned(), "other".to_owned(), path, status)
             })
-        };
+        });
         *f.requests.entry(key).or_insert(0) += 1;
         f.duration.entry(path).or_default().observe(took.as_secs_f64());
     }
@@ -120,13 +117,10 @@ impl Metrics {
     pub fn tokens(&self, client: &str, model: &str, prompt: u64, completion: u64) {
         let mut f = self.lock();
         for (kind, n) in [("prompt", prompt), ("completion", completion)] {
-            let key = (client.to_owned(), model.to_owned(), kind);
-            let key = if f.tokens.len() < MAX_SERIES || f.tokens.contains_key(&key) {
-                key
-            } else {
+            let key = bounded(&f.tokens, (client.to_owned(), model.to_owned(), kind), || {
                 let other_model = (client.to_owned(), "other".to_owned(), kind);
                 bounded(&f.tokens, other_model, || ("other".to_owned(), "other".to_owned(), kind))
-            };
+            });
             *f.tokens.entry(key).or_insert(0) += n;
         }
     }

@@ -796,6 +796,9 @@ pub(crate) fn read_policy(obj: &mut Obj, env: Env, errs: &mut Errors) -> Policy 
     let allow = patterns("allow_models", obj, errs);
     let deny = patterns("deny_models", obj, errs);
     let allow_manage = obj.bool("allow_manage", env, errs).unwrap_or(false);
+    let allow_cloud = obj.bool("allow_cloud", env, errs).unwrap_or(false);
+    let allow_web_search = obj.bool("allow_web_search", env, errs).unwrap_or(false);
+    let allow_runner_options = obj.bool("allow_runner_options", env, errs).unwrap_or(false);
     let rate_limit = obj.string("rate_limit", env, errs).and_then(|r| {
         Rate::parse(&r).unwrap_or_else(|e| {
             errs.push(&obj.field_path("rate_limit"), e);
@@ -841,6 +844,9 @@ pub(crate) fn read_policy(obj: &mut Obj, env: Env, errs: &mut Errors) -> Policy 
     Policy {
         models: ModelAcl::new(allow, deny),
         allow_manage,
+        allow_cloud,
+        allow_web_search,
+        allow_runner_options,
         rate_limit,
         max_concurrent,
         max_request_bytes,

@@ -23,6 +23,14 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 pub struct Policy {
     pub models: ModelAcl,
     pub allow_manage: bool,
+    /// May use cloud models (`:cloud`, `-cloud`), which run on ollama.com on
+    /// the host owner's account (SPEC §7.2).
+    pub allow_cloud: bool,
+    /// May declare `web_search*` tools, which make Ollama search the web on
+    /// the host owner's account (SPEC §6).
+    pub allow_web_search: bool,
+    /// May set runner options, which reload the model for everyone (SPEC §7.3).
+    pub allow_runner_options: bool,
     pub rate_limit: Option<Rate>,
     /// Requests of this subject in flight at once.
     pub max_concurrent: Option<u64>,
@@ -102,6 +110,13 @@ pub enum Refusal {
     BodyTooLarge,
     BadRequest(String),
     ModelDenied,
+    /// A cloud model without `allow_cloud` (SPEC §7.2).
+    CloudDenied,
+    /// A `web_search*` tool without `allow_web_search` (SPEC §6).
+    WebSearchDenied,
+    /// A runner option without `allow_runner_options` (SPEC §7.3); the
+    /// option's name as Ollama reads it.
+    RunnerOption(&'static str),
     CtxExceeded {
         asked: Num,
         limit: u64,
@@ -127,6 +142,8 @@ impl Refusal {
             Refusal::Forbidden
             | Refusal::EndpointNotAllowed
             | Refusal::ModelDenied
+            | Refusal::CloudDenied
+            | Refusal::WebSearchDenied
             | Refusal::PromptRejected { .. } => 403,
             Refusal::RateLimited { .. }
             | Refusal::TooManyConcurrent
@@ -134,6 +151,7 @@ impl Refusal {
             Refusal::Busy => 503,
             Refusal::TooLarge | Refusal::BodyTooLarge => 413,
             Refusal::BadRequest(_)
+            | Refusal::RunnerOption(_)
             | Refusal::CtxExceeded { .. }
             | Refusal::PredictExceeded { .. }
             | Refusal::KeepAliveExceeded { .. } => 400,
@@ -153,6 +171,9 @@ impl Refusal {
             Refusal::BodyTooLarge => "request body too large".into(),
             Refusal::BadRequest(reason) => format!("bad request: {reason}"),
             Refusal::ModelDenied => "model not allowed".into(),
+            Refusal::CloudDenied => "cloud models not allowed".into(),
+            Refusal::WebSearchDenied => "web search not allowed".into(),
+            Refusal::RunnerOption(name) => format!("option {name} not allowed"),
             Refusal::CtxExceeded { asked, limit } => {
                 format!("num_ctx {asked} exceeds limit of {limit}")
             }
@@ -173,13 +194,13 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Refusal::Forbidden => "forbidden",
-            Refusal::EndpointNotAllowed => "endpoint_not_allowed",
+            Refusal::EndpointNotAllowed | Refusal::WebSearchDenied => "endpoint_not_allowed",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::TooManyConcurrent | Refusal::Busy => "concurrency_limited",
             Refusal::BudgetExceeded { .. } => "budget_exceeded",
             Refusal::TooLarge | Refusal::BodyTooLarge => "too_large",
-            Refusal::BadRequest(_) => "bad_request",
-            Refusal::ModelDenied => "model_denied",
+            Refusal::BadRequest(_) | Refusal::RunnerOption(_) => "bad_request",
+            Refusal::ModelDenied | Refusal::CloudDenied => "model_denied",
             Refusal::CtxExceeded { .. } => "num_ctx_exceeded",
             Refusal::PredictExceeded { .. } => "num_predict_exceeded",
             Refusal::KeepAliveExceeded { .. } => "keep_alive_exceeded",
@@ -209,6 +230,9 @@ pub struct Verdict {
 pub struct Grant {
     parts: Vec<Arc<Policy>>,
     pub allow_manage: bool,
+    pub allow_cloud: bool,
+    pub allow_web_search: bool,
+    pub allow_runner_options: bool,
     pub rate_limit: Option<Rate>,
     pub max_concurrent: Option<u64>,
     pub max_request_bytes: Option<u64>,
@@ -247,6 +271,9 @@ impl Grant {
         let cap = |get: fn(&Policy) -> Option<u64>| loosest(&parts, get, u64::cmp);
         Grant {
             allow_manage: parts.iter().any(|p| p.allow_manage),
+            allow_cloud: parts.iter().any(|p| p.allow_cloud),
+            allow_web_search: parts.iter().any(|p| p.allow_web_search),
+            allow_runner_options: parts.iter().any(|p| p.allow_runner_options),
             rate_limit: loosest(&parts, |p| p.rate_limit, by_rate),
             max_concurrent: cap(|p| p.max_concurrent),
             max_request_bytes: cap(|p| p.max_request_bytes),

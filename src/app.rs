@@ -23,7 +23,7 @@ use crate::cors::{Cors, Preflight};
 use crate::health::Health;
 use crate::http::exchange::BodyError;
 use crate::http::head::Framing;
-use crate::http::{Exchange, Service};
+use crate::http::{Exchange, Head, Service};
 use crate::inspect::{self, MAX_INSPECTED};
 use crate::limits::{Concurrency, RateLimiter, Slot};
 use crate::logging;
@@ -51,6 +51,11 @@ pub struct App {
     state_file: Option<String>,
     cors: Cors,
     trusted_proxies: Vec<Cidr>,
+    /// Open connections one (untrusted) peer address may hold (SPEC §11).
+    max_connections_per_ip: usize,
+    /// `timeouts.request_header`: a login body must be in within this of
+    /// its head (SPEC §5).
+    login_body_wait: std::time::Duration,
     global_max_concurrent: Option<u64>,
     log_prompts: bool,
 }
@@ -89,6 +94,8 @@ impl App {
             state_file: config.state_file.clone(),
             cors: config.cors.clone(),
             trusted_proxies: config.trusted_proxies.clone(),
+            max_connections_per_ip: config.max_connections_per_ip,
+            login_body_wait: config.timeouts.request_header,
             global_max_concurrent: config.global_max_concurrent,
             log_prompts: config.log_prompts,
         })
@@ -205,6 +212,9 @@ impl App {
         if ex.head.method != "POST" {
             return method_not_allowed(ex, "POST");
         }
+        // The intake has normally collected the body already (see
+        // `collect_body`); should it not have, the same total deadline holds.
+        ex.set_body_deadline(ex.started + self.login_body_wait);
         let body = match ex.read_body_limited(MAX_LOGIN_BODY) {
             Ok(Some(body)) => body,
             Ok(None) => {
@@ -341,7 +351,7 @@ fn unix_now() -> u64 {
 }
 
 /// Largest `/auth/login` body (SPEC §5).
-const MAX_LOGIN_BODY: usize = 4096;
+const MAX_LOGIN_BODY: usize = 64 * 1024;
 
 fn is_read(ex: &Exchange<'_>) -> bool {
     ex.head.method == "GET" || ex.head.method == "HEAD"
@@ -736,9 +746,29 @@ impl Service for App {
         log::warn!(remote = peer.ip().to_string().as_str(), status = status, reason = reason; "request refused");
         match status {
             400 => self.metrics.rejected("", "bad_request"),
-            431 => self.metrics.rejected("", "too_large"),
+            413 | 431 => self.metrics.rejected("", "too_large"),
             _ => {}
         }
+    }
+
+    fn connection_limit(&self, ip: IpAddr) -> Option<usize> {
+        // A trusted proxy (Caddy in front) carries every client's connections.
+        (!addr::any_contains(&self.trusted_proxies, ip)).then_some(self.max_connections_per_ip)
+    }
+
+    fn too_many_connections(&self, peer: SocketAddr) {
+        log::warn!(remote = peer.ip().to_string().as_str(), reason = "too_many_connections";
+            "connection refused");
+        self.metrics.rejected("", "too_many_connections");
+    }
+
+    /// A login body is read before anyone is authenticated, so the intake
+    /// receives it whole before a worker is involved (SPEC §5, §11).
+    fn collect_body(&self, head: &Head) -> Option<u64> {
+        let login = head.method == "POST"
+            && routes::public(&head.target.path) == Some(Public::Login)
+            && self.auth.has_users();
+        login.then_some(MAX_LOGIN_BODY as u64)
     }
 }
 

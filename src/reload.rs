@@ -4,7 +4,7 @@
 //! the pipeline they started with; rate-limit state of unchanged subjects,
 //! requests in flight and metrics carry over.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::app::App;
 use crate::config::Config;
-use crate::http::{Exchange, Service, TlsConfig};
+use crate::http::{Exchange, Head, Service, TlsConfig};
 
 /// How often the file is checked for changes.
 const POLL: Duration = Duration::from_secs(1);
@@ -207,5 +207,17 @@ impl Service for Live {
 
     fn refused(&self, peer: SocketAddr, status: u16, reason: &str) {
         self.current().refused(peer, status, reason);
+    }
+
+    fn connection_limit(&self, ip: IpAddr) -> Option<usize> {
+        self.current().connection_limit(ip)
+    }
+
+    fn too_many_connections(&self, peer: SocketAddr) {
+        self.current().too_many_connections(peer);
+    }
+
+    fn collect_body(&self, head: &Head) -> Option<u64> {
+        self.current().collect_body(head)
     }
 }

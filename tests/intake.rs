@@ -375,7 +375,8 @@ fn expect_100_continue_is_honoured() {
 #[test]
 fn idle_and_half_open_connections_do_not_starve_workers() {
     let fake = FakeOllama::start();
-    let butler = start(&fake, "workers: 4\n");
+    // Everything here comes from 127.0.0.1: lift the per-address cap (it has its own test).
+    let butler = start(&fake, "workers: 4\nmax_connections_per_ip: 1000\n");
     let mut idle = Vec::new();
     for _ in 0..300 {
         idle.push(TcpStream::connect(butler.addr()).expect("connect"));
@@ -473,4 +474,316 @@ fn simultaneous_connections_each_get_a_worker() {
             assert_eq!(c.read_response("GET", WAIT).expect("response").status, 200);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients without a key hold no worker and no connection slot (SPEC §5, §11)
+// ---------------------------------------------------------------------------------------------
+
+/// The head of a request declaring a 60000-byte body, and the body's first byte.
+fn dripping(method: &str, path: &str) -> String {
+    format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n{{")
+}
+
+/// A request butler answers without reading its body (a refusal, a public route) is answered
+/// at once with `Connection: close`, however slowly the body comes: a client without a key
+/// cannot hold a worker by dripping it.
+#[test]
+fn requests_answered_without_their_body_never_wait_for_it() {
+    let fake = FakeOllama::start();
+    let butler = start(&fake, "workers: 2\n");
+    let cases = [
+        ("POST", "/api/chat", 401),
+        ("POST", "/api/pull", 401),
+        ("GET", "/healthz", 200),
+        ("POST", "/readyz", 405),
+        // No users configured: 404.
+        ("POST", "/auth/login", 404),
+    ];
+    let mut drippers = Vec::new();
+    for (method, path, status) in cases {
+        let mut conn = RawConn::connect(butler.addr());
+        conn.write(dripping(method, path).as_bytes()).unwrap();
+        let response = conn.read_response(method, WAIT).unwrap_or_else(|e| {
+            panic!("{method} {path}: no answer while the body is incomplete: {e}")
+        });
+        assert_eq!(response.status, status, "{method} {path}: {}", response.body_str());
+        assert!(response.connection_close(), "{method} {path}: {:?}", response.headers);
+        assert!(conn.wait_closed(WAIT), "{method} {path}: butler kept the connection");
+        drippers.push(conn);
+    }
+    // The clients keep dripping (butler discards it) and a client with a key is served by
+    // one of the two workers.
+    for d in &mut drippers {
+        let _ = d.write(b" ");
+    }
+    let response = get(butler.addr(), "/api/tags", &[("Authorization", &bearer())]);
+    assert_eq!(response.status, 200, "{}", response.body_str());
+    // The health check asked the upstream; nothing else reached it.
+    let paths: Vec<String> = fake.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(paths, ["/api/version", "/api/tags"]);
+
+    // A body that has arrived whole is discarded and the connection kept.
+    let mut conn = RawConn::connect(butler.addr());
+    let refused = conn.roundtrip("POST", "/api/chat", &[], b"{\"model\":\"x\"}");
+    assert_error(&refused, 401, "unauthorized");
+    assert!(!refused.connection_close(), "{:?}", refused.headers);
+    let next = conn.roundtrip("GET", "/api/version", &[("Authorization", &bearer())], b"");
+    assert_eq!(next.status, 200);
+}
+
+/// A stub of butler's users section: user `u` with password [`LOGIN_PW`] (bcrypt cost 4).
+const LOGIN_PW: &str = "login-Pw-3d9fQz-hardening";
+
+fn with_login(extra: &str) -> String {
+    let hash = bcrypt::hash(LOGIN_PW, 4).expect("bcrypt");
+    format!(
+        "{extra}auth:\n  mode: either\n  jwt_secret: \"0123456789abcdef0123456789abcdef\"\n  \
+         login_rate_limit: \"1000/min\"\nusers:\n  - name: u\n    password_hash: \"{hash}\"\n    \
+         allow_models: [\"*\"]\n"
+    )
+}
+
+fn login_request(body: &[u8], extra_headers: &str) -> Vec<u8> {
+    let mut raw = format!(
+        "POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra_headers}\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(body);
+    raw
+}
+
+/// `/auth/login` reads a body before anyone is authenticated: it must arrive whole within
+/// `timeouts.request_header` of its head (a total deadline, however steadily it drips), else
+/// 408 and close; and while it arrives, no worker waits for it. Bodies up to 64 KiB are fine.
+#[test]
+fn a_login_body_must_arrive_whole_in_time_and_holds_no_worker() {
+    let fake = FakeOllama::start();
+    let butler = start(&fake, &with_login("workers: 1\ntimeouts: {request_header: 1s}\n"));
+    let credentials = format!("{{\"username\":\"u\",\"password\":\"{LOGIN_PW}\"}}");
+
+    // Sent with the head: everything up to the body's first byte.
+    let raw = login_request(credentials.as_bytes(), "");
+    let body_at = raw.len() - credentials.len();
+    let mut drip = RawConn::connect(butler.addr());
+    let head_sent = Instant::now();
+    drip.write(&raw[..body_at + 1]).unwrap();
+    // The only worker is free for a client with a key.
+    let served = get(butler.addr(), "/api/tags", &[("Authorization", &bearer())]);
+    assert_eq!(served.status, 200, "{}", served.body_str());
+    // One byte every 100 ms: never a long pause, yet never done in time.
+    let mut next = body_at + 1;
+    let response = loop {
+        match drip.read_response("POST", Duration::from_millis(100)) {
+            Ok(r) => break r,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("no 408: {e}"),
+        }
+        assert!(head_sent.elapsed() < Duration::from_secs(4), "no answer to a dripping login");
+        if next < raw.len() - 1 {
+            drip.write(&raw[next..next + 1]).unwrap();
+            next += 1;
+        }
+    };
+    let took = head_sent.elapsed();
+    assert_error(&response, 408, "request timeout");
+    assert!(response.connection_close());
+    assert!(took >= Duration::from_millis(900), "408 after only {took:?}");
+    assert!(took < Duration::from_millis(2500), "408 after {took:?}");
+    assert!(drip.wait_closed(WAIT));
+
+    // A login body over the old 4 KiB bound and within 64 KiB is read (JSON allows padding).
+    let padded = format!("{credentials}{}", " ".repeat(60 * 1024));
+    let ok = send_raw(butler.addr(), &login_request(padded.as_bytes(), "Connection: close\r\n"));
+    assert_eq!(ok.status(), 200, "{}", ok.raw_str());
+    assert!(ok.response().json()["token"].is_string());
+    // With Expect: 100-continue the client is told to go on, then served.
+    let mut conn = RawConn::connect(butler.addr());
+    let raw = login_request(credentials.as_bytes(), "Expect: 100-continue\r\n");
+    conn.write(&raw[..raw.len() - credentials.len()]).unwrap();
+    let interim = conn.read_response("POST", WAIT).expect("100 Continue");
+    assert_eq!(interim.status, 100);
+    conn.write(credentials.as_bytes()).unwrap();
+    let ok = conn.read_response("POST", WAIT).expect("the login answer");
+    assert_eq!(ok.status, 200, "{}", ok.body_str());
+    // Over 64 KiB: 413 at once, without waiting for the body.
+    let mut conn = RawConn::connect(butler.addr());
+    conn.write(b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 65537\r\n\r\n{").unwrap();
+    let response = conn.read_response("POST", WAIT).expect("413");
+    assert_error(&response, 413, "request body too large");
+    assert!(conn.wait_closed(WAIT));
+    assert_eq!(fake.request_count(), 1);
+}
+
+/// Stalled heads cannot lock everyone out: with the connection table full (its size follows the
+/// open-file limit), a new connection displaces the oldest one still sending its head.
+#[test]
+fn stalled_heads_cannot_fill_the_connection_table() {
+    let fake = FakeOllama::start();
+    // 200 open files and 2 workers: min(2 + 1024, 200 - 64 - 2 * 2) = 132 connections. The
+    // per-address cap is lifted: everything here comes from 127.0.0.1.
+    let yaml = support::setup::config(&fake.url(), "workers: 2\nmax_connections_per_ip: 1000\n");
+    let butler = support::Butler::start_with_open_files(&yaml, 200);
+    let mut stalled: Vec<RawConn> = (0..140)
+        .map(|_| {
+            let mut c = RawConn::connect(butler.addr());
+            c.write(b"GET / HTTP/1.1\r\n").unwrap();
+            c
+        })
+        .collect();
+    let sent = Instant::now();
+    let response = get(butler.addr(), "/api/tags", &[("Authorization", &bearer())]);
+    let took = sent.elapsed();
+    assert_eq!(response.status, 200, "{}", response.body_str());
+    assert!(took < Duration::from_secs(1), "served after {took:?}");
+    // Eight stalled heads beyond the cap and the client with a key displaced the nine oldest,
+    // which were told 503; the newest are still open.
+    for (i, c) in stalled.iter_mut().enumerate().take(9) {
+        let busy = c.read_response("GET", WAIT).unwrap_or_else(|e| panic!("stalled[{i}]: {e}"));
+        assert_error(&busy, 503, "server busy");
+        assert!(c.wait_closed(WAIT), "stalled[{i}] still open");
+    }
+    let newest = stalled.last_mut().expect("stalled connections");
+    newest.stream().set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let still_open = matches!(
+        std::io::Read::read(&mut newest.stream(), &mut byte),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    );
+    assert!(still_open, "the newest stalled head was closed");
+}
+
+/// One peer address may hold at most `max_connections_per_ip` connections; another one is
+/// closed at once and counted. Other addresses are unaffected.
+#[test]
+fn one_address_holds_at_most_max_connections_per_ip() {
+    let fake = FakeOllama::start();
+    let butler = start(&fake, "max_connections_per_ip: 3\n");
+    let mut held: Vec<RawConn> = (0..3)
+        .map(|_| {
+            let mut c = RawConn::connect(butler.addr());
+            c.write(b"GET / HTTP/1.1\r\n").unwrap();
+            c
+        })
+        .collect();
+    let mut fourth = RawConn::connect(butler.addr());
+    assert!(fourth.wait_closed(WAIT), "a fourth connection from 127.0.0.1 was kept");
+    assert!(fourth.received().is_empty(), "{:?}", String::from_utf8_lossy(fourth.received()));
+
+    let other = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut conn = RawConn::try_connect_from(other, butler.addr()).expect("connect from .2");
+    let response = conn.roundtrip("GET", "/api/tags", &[("Authorization", &bearer())], b"");
+    assert_eq!(response.status, 200);
+    let metrics = conn.roundtrip("GET", "/metrics", &[], b"");
+    let line = "butler_requests_rejected_total{client=\"\",reason=\"too_many_connections\"} 1\n";
+    assert!(metrics.body_str().contains(line), "{}", metrics.body_str());
+
+    // A slot given back is usable again (butler learns of the close asynchronously).
+    drop(held.pop());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let attempt = support::try_request(
+            butler.addr(),
+            "GET",
+            "/api/version",
+            &[("Authorization", &bearer())],
+            b"",
+        );
+        match attempt {
+            Ok(r) => {
+                assert_eq!(r.status, 200);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "never served again: {e}"),
+        }
+    }
+}
+
+/// A trusted proxy (Caddy in front) carries everyone's connections: no per-address cap.
+#[test]
+fn trusted_proxies_are_exempt_from_the_per_address_cap() {
+    let fake = FakeOllama::start();
+    let butler = start(&fake, "max_connections_per_ip: 2\ntrusted_proxies: [\"127.0.0.1/32\"]\n");
+    let _held: Vec<RawConn> = (0..4)
+        .map(|_| {
+            let mut c = RawConn::connect(butler.addr());
+            c.write(b"GET / HTTP/1.1\r\n").unwrap();
+            c
+        })
+        .collect();
+    let response = get(butler.addr(), "/api/tags", &[("Authorization", &bearer())]);
+    assert_eq!(response.status, 200);
+    // An untrusted address still is capped.
+    let other = std::net::Ipv4Addr::new(127, 0, 0, 3);
+    let _two: Vec<RawConn> =
+        (0..2).map(|_| RawConn::try_connect_from(other, butler.addr()).unwrap()).collect();
+    let mut third = RawConn::try_connect_from(other, butler.addr()).unwrap();
+    assert!(third.wait_closed(WAIT), "a third connection from 127.0.0.3 was kept");
+    assert!(third.received().is_empty());
+}
+
+/// Every response the intake writes itself declares exactly its body's length, so strict
+/// clients (Python `requests`, curl) read it instead of failing with an incomplete read.
+#[test]
+fn every_canned_response_declares_its_exact_length() {
+    let fake = FakeOllama::start_with(Behavior {
+        token_delay: Duration::from_millis(300),
+        tokens: 5,
+        ..Behavior::default()
+    });
+    let butler =
+        start(&fake, &with_login("workers: 1\ntimeouts: {request_header: 500ms, queue: 300ms}\n"));
+    let strict = |raw: &[u8]| {
+        let mut conn = RawConn::connect(butler.addr());
+        let _ = conn.write(raw);
+        assert!(conn.wait_closed(WAIT), "not closed after {:?}", String::from_utf8_lossy(raw));
+        support::parse_strict(conn.received()).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let cases: [(Vec<u8>, u16, &str); 6] = [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec(), 408, "request timeout"),
+        (head_of_size(40 * 1024), 431, "request header fields too large"),
+        (
+            b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n"
+                .to_vec(),
+            400,
+            "bad request: repeated Content-Length",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nExpect: later\r\n\r\n".to_vec(), 417, "expectation failed"),
+        (
+            b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n".to_vec(),
+            413,
+            "request body too large",
+        ),
+        (
+            b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{".to_vec(),
+            408,
+            "request timeout",
+        ),
+    ];
+    for (raw, status, msg) in &cases {
+        assert_error(&strict(raw), *status, msg);
+    }
+
+    // 503 server busy: the only worker is streaming.
+    let auth = bearer();
+    let mut slow = StreamingResponse::open(
+        butler.addr(),
+        "POST",
+        "/api/chat",
+        &[("Authorization", &auth)],
+        br#"{"model":"llama3.2"}"#,
+    );
+    assert_eq!(slow.status, 200);
+    let busy = strict(&support::build_request(
+        butler.addr(),
+        "GET",
+        "/api/tags",
+        &[("Authorization", &auth)],
+        b"",
+        true,
+    ));
+    assert_error(&busy, 503, "server busy");
+    slow.read_to_end(WAIT);
 }

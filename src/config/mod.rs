@@ -23,6 +23,8 @@ use walk::{Env, Errors, Obj, string_value};
 /// Where butler listens when the config says nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_WORKERS: u64 = 128;
+/// Open connections one peer address may hold (SPEC §4, §11).
+const DEFAULT_MAX_CONNECTIONS_PER_IP: u64 = 256;
 /// More threads than this is a typo, not a deployment.
 const MAX_WORKERS: u64 = 4096;
 
@@ -44,6 +46,9 @@ pub struct Config {
     pub global_max_concurrent: Option<u64>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<Cidr>,
+    /// Open connections one peer address may hold; `trusted_proxies` are
+    /// exempt (SPEC §11).
+    pub max_connections_per_ip: usize,
     /// Browser origins allowed to call butler (empty: no CORS handling).
     pub cors: Cors,
     /// Where token-budget counters are kept across restarts.
@@ -315,6 +320,16 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
     });
 
     let trusted_proxies = read_cidrs(&mut root, "trusted_proxies", env, errs);
+    let max_connections_per_ip = match root.uint("max_connections_per_ip", env, errs) {
+        // Zero would refuse every client: surely a mistake, not a policy.
+        Some(0) => {
+            errs.push("max_connections_per_ip", "must be at least 1");
+            DEFAULT_MAX_CONNECTIONS_PER_IP
+        }
+        Some(n) => n,
+        None => DEFAULT_MAX_CONNECTIONS_PER_IP,
+    };
+    let max_connections_per_ip = usize::try_from(max_connections_per_ip).unwrap_or(usize::MAX);
     let state_file = root.string("state_file", env, errs);
     let mut cors = Cors::default();
     if let Some(v) = root.get("cors") {
@@ -415,6 +430,7 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         global_rate_limit,
         global_max_concurrent,
         trusted_proxies,
+        max_connections_per_ip,
         cors,
         state_file,
         tls,
@@ -988,6 +1004,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, DEFAULT_LISTEN);
         assert_eq!(c.workers, 128);
+        assert_eq!(c.max_connections_per_ip, 256);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.timeouts, Timeouts::default());
         assert_eq!(c.upstream.url("/api/tags"), "http://127.0.0.1:11434/api/tags");
@@ -1018,6 +1035,17 @@ mod tests {
         assert!(errs.iter().any(|e| e.starts_with("workers: ")), "{errs:?}");
         assert!(errs.iter().any(|e| e.starts_with("timeouts.idle: ")), "{errs:?}");
         assert_eq!(errs.len(), 5, "{errs:?}");
+    }
+
+    #[test]
+    fn max_connections_per_ip() {
+        let base = "upstream: http://h:1\nclients:\n  - {name: a, key: k}\n";
+        let c = parse(&format!("max_connections_per_ip: 3\n{base}")).unwrap();
+        assert_eq!(c.max_connections_per_ip, 3);
+        let errs = parse(&format!("max_connections_per_ip: 0\n{base}")).unwrap_err();
+        assert_eq!(errs, vec!["max_connections_per_ip: must be at least 1"]);
+        let errs = parse(&format!("max_connections_per_ip: -2\n{base}")).unwrap_err();
+        assert_eq!(errs, vec!["max_connections_per_ip: expected a non-negative integer"]);
     }
 
     #[test]

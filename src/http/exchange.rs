@@ -12,8 +12,9 @@ use super::head::{Framing, Head, Version};
 use super::server::{WatchGuard, Watches};
 use std::os::fd::AsRawFd;
 
-/// Unread request bodies up to this size are discarded to keep a connection
-/// alive; larger ones close it instead (never an allocation sized by the client).
+/// An unread request body that has already arrived whole, up to this size,
+/// is discarded to keep the connection alive; otherwise the connection closes
+/// (SPEC §11). Never an allocation sized by the client.
 const DRAIN_LIMIT: u64 = 64 * 1024;
 
 enum Body {
@@ -61,6 +62,9 @@ pub struct Exchange<'c> {
     pub started: Instant,
     body: Body,
     body_timeout: Duration,
+    /// When reading the body must have ended, if a route sets a total
+    /// deadline (see [`Exchange::set_body_deadline`]).
+    body_deadline: Option<Instant>,
     write_stall: Duration,
     continue_sent: bool,
     body_error: Option<BodyError>,
@@ -104,6 +108,7 @@ impl<'c> Exchange<'c> {
             started,
             body,
             body_timeout,
+            body_deadline: None,
             write_stall: body_timeout,
             continue_sent: false,
             body_error: None,
@@ -144,6 +149,21 @@ impl<'c> Exchange<'c> {
     /// past `max` bytes (a streamed upload over `max_request_bytes`).
     pub fn limit_body(&mut self, max: u64) {
         self.body_limit = Some(max);
+    }
+
+    /// Makes reading fail with [`BodyError::Timeout`] once `at` has passed,
+    /// however steadily the body arrives (a total deadline, where
+    /// `timeouts.request_body` only bounds each pause).
+    pub fn set_body_deadline(&mut self, at: Instant) {
+        self.body_deadline = Some(at);
+    }
+
+    /// How long the next body read may wait.
+    fn read_wait(&self) -> Duration {
+        match self.body_deadline {
+            Some(at) => at.saturating_duration_since(Instant::now()).min(self.body_timeout),
+            None => self.body_timeout,
+        }
     }
 
     /// The first error met while reading the request body.
@@ -193,6 +213,12 @@ impl<'c> Exchange<'c> {
     fn send_continue(&mut self) -> io::Result<()> {
         if self.head.expect_continue && !self.continue_sent && !self.response_started() {
             self.continue_sent = true;
+            // Body bytes are here already (the intake may have asked for and
+            // received the whole body): the client is no longer waiting, and
+            // RFC 9110 §10.1.1 lets the interim response be left out.
+            if !self.conn.buffered().is_empty() {
+                return Ok(());
+            }
             self.conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n", self.write_stall)?;
         }
         Ok(())
@@ -220,11 +246,12 @@ impl<'c> Exchange<'c> {
             return Ok(0);
         }
         self.send_continue()?;
+        let wait = self.read_wait();
         match &mut self.body {
             Body::Done => Ok(0),
             Body::Length(left) => {
                 let want = (*left).min(out.len() as u64) as usize;
-                match self.conn.read_into(&mut out[..want], self.body_timeout) {
+                match self.conn.read_into(&mut out[..want], wait) {
                     Ok(0) => Err(self.fail(BodyError::Closed)),
                     Ok(n) => {
                         *left -= n as u64;
@@ -251,7 +278,8 @@ impl<'c> Exchange<'c> {
             }
             let input = self.conn.buffered();
             if input.is_empty() {
-                match self.conn.fill(self.body_timeout) {
+                let wait = self.read_wait();
+                match self.conn.fill(wait) {
                     Ok(0) => return Err(self.fail(BodyError::Closed)),
                     Ok(_) => continue,
                     Err(e) => return Err(self.read_error(e)),
@@ -295,7 +323,11 @@ impl<'c> Exchange<'c> {
         }
     }
 
-    /// Discards a small unread body so the connection can be reused.
+    /// Discards the rest of the request body if it has already arrived whole,
+    /// so the connection can be reused. It never waits for the network: a
+    /// request answered without its body (a refusal, a public route) must not
+    /// let a client hold the worker by sending the body slowly (SPEC §11).
+    /// False means the connection closes after the response.
     fn drain(&mut self) -> bool {
         if matches!(self.body, Body::Done) {
             return true;
@@ -308,6 +340,9 @@ impl<'c> Exchange<'c> {
         {
             return false;
         }
+        // Reads then find nothing to wait for: what has not arrived yet
+        // ends them as a timeout at once.
+        self.body_deadline = Some(Instant::now());
         let mut chunk = [0u8; 8192];
         let mut total = 0u64;
         while total <= DRAIN_LIMIT {
@@ -503,6 +538,22 @@ impl Read for Exchange<'_> {
     }
 }
 
+/// A complete response the intake writes on its own, outside any exchange
+/// (503 `server busy`, 408, 431, 400, …): a JSON error body
+/// `{"error":"<message>"}` and a newline, `Connection: close`, and a
+/// `Content-Length` taken from the body itself, never counted by hand.
+pub fn canned(status: u16, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({ "error": message }).to_string() + "\n";
+    let mut out = Vec::with_capacity(160 + body.len());
+    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
+    push_header(&mut out, "Content-Type", b"application/json");
+    push_header(&mut out, "Content-Length", body.len().to_string().as_bytes());
+    push_header(&mut out, "Connection", b"close");
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
 fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
@@ -542,5 +593,42 @@ pub fn reason(status: u16) -> &'static str {
         s if s < 400 => "Redirection",
         s if s < 500 => "Client Error",
         _ => "Server Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every canned answer parses, and its `Content-Length` is exactly its body.
+    #[test]
+    fn canned_responses_announce_their_length() {
+        for (status, message) in [
+            (503, "server busy"),
+            (408, "request timeout"),
+            (431, "request header fields too large"),
+            (400, "bad request: exactly one Host header is required"),
+            (413, "request body too large"),
+            (417, "expectation failed"),
+            (400, "quote \" and backslash \\"),
+        ] {
+            let bytes = canned(status, message);
+            let mut headers = [httparse::EMPTY_HEADER; 8];
+            let mut response = httparse::Response::new(&mut headers);
+            let httparse::Status::Complete(head_len) = response.parse(&bytes).unwrap() else {
+                panic!("partial head for {status}");
+            };
+            assert_eq!(response.code, Some(status));
+            let length = response
+                .headers
+                .iter()
+                .find(|h| h.name == "Content-Length")
+                .map(|h| std::str::from_utf8(h.value).unwrap().parse::<usize>().unwrap());
+            let body = &bytes[head_len..];
+            assert_eq!(length, Some(body.len()), "{status} {message}");
+            let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(json["error"], message);
+            assert!(body.ends_with(b"}\n"));
+        }
     }
 }

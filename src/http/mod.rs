@@ -5,6 +5,7 @@
 //! are the thin I/O glue around it.
 
 pub mod chunked;
+pub mod collect;
 pub mod conn;
 pub mod exchange;
 pub mod head;

@@ -11,22 +11,34 @@
 //!
 //! A connection with a complete head that finds no free worker waits up to
 //! `timeouts.queue`, then gets 503 `{"error":"server busy"}` from the acceptor.
-//! When the number of open connections reaches the cap, the oldest idle
-//! keep-alive connection is closed first to make room.
+//!
+//! Every open connection holds a [`Ticket`] in the connection table from
+//! accept to close, wherever it is (acceptor, queue, worker), so the caps of
+//! SPEC §11 count exactly: at most [`connection_cap`] in all, and at most the
+//! service's [`Service::connection_limit`] from one peer address. When the
+//! table is full, a new connection displaces one that is already closing,
+//! else the oldest idle keep-alive connection, else the oldest one still
+//! sending its request.
+//!
+//! A request whose body the service wants whole before handling it
+//! ([`Service::collect_body`], `/auth/login`) stays with the acceptor until the
+//! body is in (see [`super::collect`]), so a client without a credential
+//! never holds a worker while it sends slowly.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::collect::{Collector, Progress};
 use super::conn::Conn;
-use super::exchange::Exchange;
+use super::exchange::{Exchange, canned};
 use super::head::{self, Head, HeadError, MAX_HEAD, Parsed};
 use super::socket::{Socket, TlsConfig};
 
@@ -52,6 +64,75 @@ pub trait Service: Send + Sync + 'static {
     fn handle(&self, ex: &mut Exchange<'_>);
     /// A request refused by the intake itself (for logs and metrics).
     fn refused(&self, peer: SocketAddr, status: u16, reason: &str);
+    /// Most connections the peer address `ip` may hold open at once; `None`
+    /// for no cap (a trusted proxy speaks for many clients).
+    fn connection_limit(&self, ip: IpAddr) -> Option<usize>;
+    /// A new connection was closed at once: its address is at its cap.
+    fn too_many_connections(&self, peer: SocketAddr);
+    /// Whether the intake must receive this request's whole body (of at most
+    /// the returned size; a larger one is answered 413) before a worker
+    /// handles it, within `timeouts.request_header` of the head.
+    fn collect_body(&self, head: &Head) -> Option<u64>;
+}
+
+/// Open client connections, in all and per peer address (SPEC §11).
+#[derive(Default)]
+struct Table {
+    open: usize,
+    /// Only addresses with open connections: bounded by the connection cap.
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Whether a new connection may be opened.
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    Admit,
+    /// Its address already holds as many as it may: close it at once.
+    PeerFull,
+    /// The table is full: make room or refuse.
+    TableFull,
+}
+
+impl Table {
+    /// The decision for a new connection from `ip` (pure).
+    fn admission(&self, ip: IpAddr, per_ip: Option<usize>, cap: usize) -> Admission {
+        if per_ip.is_some_and(|max| self.per_ip.get(&ip).copied().unwrap_or(0) >= max) {
+            Admission::PeerFull
+        } else if self.open >= cap {
+            Admission::TableFull
+        } else {
+            Admission::Admit
+        }
+    }
+}
+
+/// One open connection's place in the [`Table`], given back when dropped
+/// (whichever thread closes the connection).
+struct Ticket {
+    table: Arc<Mutex<Table>>,
+    ip: IpAddr,
+}
+
+impl Ticket {
+    fn take(table: &Arc<Mutex<Table>>, ip: IpAddr) -> Ticket {
+        let mut t = lock(table);
+        t.open += 1;
+        *t.per_ip.entry(ip).or_insert(0) += 1;
+        Ticket { table: table.clone(), ip }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut t = lock(&self.table);
+        t.open = t.open.saturating_sub(1);
+        if let Some(n) = t.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.per_ip.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Connections whose worker is busy upstream, watched by the acceptor for the
@@ -150,10 +231,22 @@ fn wake(w: &UnixStream) {
     let _ = (&*w).write(&[1]);
 }
 
+/// Why the intake answers a request itself.
+#[derive(Debug)]
+enum Reject {
+    Head(HeadError),
+    /// A body collected by the intake was over its limit: 413.
+    BodyTooLarge,
+}
+
+/// A complete head and its length, or the intake's refusal.
+type Request = Result<(Box<Head>, usize), Reject>;
+
 /// A complete head (or a head error) waiting for a worker.
 struct Job {
     conn: Conn,
-    parsed: Result<(Box<Head>, usize), HeadError>,
+    ticket: Ticket,
+    parsed: Request,
     queued_at: Instant,
 }
 
@@ -171,9 +264,9 @@ struct Queue {
 /// A connection handed back from a worker to the acceptor.
 enum Returned {
     /// Keep-alive: waiting for the next request (possibly partly received).
-    Idle(Conn),
+    Idle(Conn, Ticket),
     /// Closing: discard input for a moment, then close.
-    Linger(TcpStream),
+    Linger(TcpStream, Ticket),
 }
 
 struct Shared {
@@ -183,6 +276,7 @@ struct Shared {
     service: Arc<dyn Service>,
     queue: Mutex<Queue>,
     ready: Condvar,
+    table: Arc<Mutex<Table>>,
     returned: Mutex<Vec<Returned>>,
     wake: Arc<UnixStream>,
     shutdown: Arc<AtomicBool>,
@@ -249,6 +343,7 @@ impl Server {
                 stop: false,
             }),
             ready: Condvar::new(),
+            table: Arc::default(),
             returned: Mutex::new(Vec::new()),
             wake: Arc::new(wake_tx),
             shutdown: Arc::new(AtomicBool::new(false)),
@@ -286,7 +381,7 @@ impl Server {
 }
 
 /// Raises the open-files limit to its hard maximum and derives how many client
-/// connections may be open at once, leaving room for upstream sockets.
+/// connections may be open at once (see [`cap_for`]).
 fn connection_cap(workers: usize) -> usize {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: plain getrlimit/setrlimit on a stack struct.
@@ -298,40 +393,110 @@ fn connection_cap(workers: usize) -> usize {
                     lim.rlim_cur = lim.rlim_max;
                 }
             }
-            lim.rlim_cur as usize
+            usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
         } else {
             1024
         }
     };
+    cap_for(workers, files)
+}
+
+/// SPEC §11: `workers + 1024`, or fewer when the open-file limit `files`
+/// leaves less after 64 descriptors for butler itself (listener, log, config,
+/// state file, wake-up pipes) and two per worker (the upstream socket of each
+/// busy worker, and one spare for its reconnect). Never below 16, so a tiny
+/// limit still serves someone (accept then fails with EMFILE and pauses,
+/// which butler survives).
+fn cap_for(workers: usize, files: usize) -> usize {
     let budget = files.saturating_sub(64 + 2 * workers).max(16);
     (workers + 1024).min(budget)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// A request head is arriving; 408 at the deadline.
+    /// A request head is arriving (or, for TLS, the handshake); 408 at the
+    /// deadline.
     Head,
+    /// The head is complete and the body is being collected before dispatch
+    /// (see [`Service::collect_body`]); 408 at the deadline.
+    Body,
     /// Keep-alive, nothing received yet; closed silently at the deadline.
     Idle,
     /// Closing; input discarded until EOF or the deadline.
     Linger,
 }
 
+/// The connection to displace when the table is full (SPEC §11): one already
+/// closing, else the oldest idle keep-alive connection, else the oldest one
+/// still sending its request. Among connections in the same state, the
+/// earliest deadline is the oldest (they all got the same timeout). `None`
+/// when every connection is with a worker.
+fn victim(conns: impl Iterator<Item = (State, Instant)>) -> Option<usize> {
+    let rank = |s: State| match s {
+        State::Linger => 0,
+        State::Idle => 1,
+        State::Head | State::Body => 2,
+    };
+    conns.enumerate().min_by_key(|(_, (state, deadline))| (rank(*state), *deadline)).map(|(i, _)| i)
+}
+
+/// A request whose head is complete, with its body being collected.
+struct Collecting {
+    head: Box<Head>,
+    head_len: usize,
+    collector: Collector,
+}
+
 struct Held {
     socket: Socket,
     peer: Option<SocketAddr>,
+    ticket: Ticket,
     buf: Vec<u8>,
     state: State,
     deadline: Instant,
+    /// In state [`State::Body`]: the request being completed.
+    collecting: Option<Box<Collecting>>,
     /// Bytes thrown away while lingering.
     discarded: usize,
+}
+
+impl Held {
+    fn new(
+        socket: Socket,
+        peer: SocketAddr,
+        ticket: Ticket,
+        buf: Vec<u8>,
+        state: State,
+        deadline: Instant,
+    ) -> Held {
+        Held {
+            socket,
+            peer: Some(peer),
+            ticket,
+            buf,
+            state,
+            deadline,
+            collecting: None,
+            discarded: 0,
+        }
+    }
+
+    /// Most bytes worth reading now: the rest of the largest head allowed
+    /// (plus one, to see it overflow), or what the collected body may still
+    /// take.
+    fn room(&self) -> usize {
+        match &self.collecting {
+            Some(c) => c.collector.room(),
+            None => (MAX_HEAD + 1).saturating_sub(self.buf.len()),
+        }
+    }
 }
 
 /// What to do with a held connection after reading from it.
 enum Action {
     Keep,
     Drop,
-    Dispatch(Result<(Box<Head>, usize), HeadError>),
+    Dispatch(Request),
 }
 
 struct Acceptor {
@@ -474,33 +639,7 @@ impl Acceptor {
                 None => return,
             };
             match accepted {
-                Ok((stream, peer)) => {
-                    if stream.set_nonblocking(true).is_err() {
-                        continue;
-                    }
-                    let _ = stream.set_nodelay(true);
-                    if self.conns.len() + self.shared.busy.load(Ordering::Relaxed) >= self.max_conns
-                        && !self.evict_idle()
-                    {
-                        self.shared.service.refused(peer, 503, "server busy");
-                        // Through TLS nothing can be said before a handshake.
-                        if self.shared.tls.is_none() {
-                            let _ = (&stream).write(SERVER_BUSY);
-                        }
-                        continue;
-                    }
-                    let Ok(socket) = Socket::new(stream, self.shared.tls.as_ref()) else {
-                        continue;
-                    };
-                    self.conns.push(Held {
-                        socket,
-                        peer: Some(peer),
-                        buf: Vec::new(),
-                        state: State::Head,
-                        deadline: Instant::now() + self.shared.opts.request_header,
-                        discarded: 0,
-                    });
-                }
+                Ok((stream, peer)) => self.admit(stream, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
                     if matches!(
@@ -518,26 +657,58 @@ impl Acceptor {
         }
     }
 
-    /// Closes the longest-idle keep-alive connection; false if there is none.
-    fn evict_idle(&mut self) -> bool {
-        let oldest = self
-            .conns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.state != State::Head)
-            .min_by_key(|(_, c)| (c.state == State::Idle, c.deadline))
-            .map(|(i, _)| i);
-        match oldest {
-            Some(i) => {
-                self.conns.swap_remove(i);
-                true
+    /// Takes a new connection into the table, or closes it (SPEC §11): at
+    /// once if its address is at `max_connections_per_ip`; with 503 if the
+    /// table is full and nothing can be displaced.
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let ip = crate::addr::canonical(peer.ip());
+        let per_ip = self.shared.service.connection_limit(ip);
+        let admission = lock(&self.shared.table).admission(ip, per_ip, self.max_conns);
+        match admission {
+            Admission::Admit => {}
+            Admission::PeerFull => {
+                self.shared.service.too_many_connections(peer);
+                return;
             }
-            None => false,
+            Admission::TableFull => {
+                if !self.evict() {
+                    self.shared.service.refused(peer, 503, "server busy");
+                    // Through TLS nothing can be said before a handshake.
+                    if self.shared.tls.is_none() && stream.set_nonblocking(true).is_ok() {
+                        let _ = (&stream).write(&SERVER_BUSY);
+                    }
+                    return;
+                }
+            }
         }
+        if stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let Ok(socket) = Socket::new(stream, self.shared.tls.as_ref()) else {
+            return;
+        };
+        let ticket = Ticket::take(&self.shared.table, ip);
+        let deadline = Instant::now() + self.shared.opts.request_header;
+        self.conns.push(Held::new(socket, peer, ticket, Vec::new(), State::Head, deadline));
+    }
+
+    /// Closes the connection [`victim`] picks; false if every connection is
+    /// with a worker. One still sending its request is told 503 first (a TLS
+    /// handshake in progress cannot be told anything).
+    fn evict(&mut self) -> bool {
+        let Some(i) = victim(self.conns.iter().map(|c| (c.state, c.deadline))) else {
+            return false;
+        };
+        let mut c = self.conns.swap_remove(i);
+        if matches!(c.state, State::Head | State::Body) {
+            c.socket.write_now(&SERVER_BUSY);
+        }
+        true
     }
 
     /// Reads what a connection has and decides what becomes of it. Reads until
-    /// the socket has nothing more (or the head is complete), so that no
+    /// the socket has nothing more (or the request is complete), so that no
     /// decrypted TLS bytes are left where `poll` cannot see them.
     fn on_readable(&mut self, i: usize) -> Action {
         let c = &mut self.conns[i];
@@ -554,7 +725,8 @@ impl Acceptor {
             };
         }
         loop {
-            let room = (MAX_HEAD + 1).saturating_sub(c.buf.len()).clamp(1, chunk.len());
+            let c = &mut self.conns[i];
+            let room = c.room().clamp(1, chunk.len());
             let n = match c.socket.read(&mut chunk[..room]) {
                 Ok(0) => return Action::Drop,
                 Ok(n) => n,
@@ -562,23 +734,69 @@ impl Acceptor {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return Action::Drop,
             };
+            let fed = c.buf.len();
             c.buf.extend_from_slice(&chunk[..n]);
             if c.state == State::Idle {
                 c.state = State::Head;
                 c.deadline = Instant::now() + self.shared.opts.request_header;
             }
-            match head::parse(&c.buf) {
-                Ok(Parsed::Partial) => {}
-                Ok(Parsed::Complete(h, len)) => return Action::Dispatch(Ok((h, len))),
-                Err(e) => return Action::Dispatch(Err(e)),
+            match self.advance(i, fed) {
+                Action::Keep => {}
+                other => return other,
             }
         }
     }
 
-    fn dispatch(&self, held: Held, parsed: Result<(Box<Head>, usize), HeadError>) {
+    /// Looks at a connection's buffer after bytes from `fed` on arrived: is
+    /// the head complete, is a collected body complete?
+    fn advance(&mut self, i: usize, fed: usize) -> Action {
+        let shared = &*self.shared;
+        let c = &mut self.conns[i];
+        if c.state == State::Head {
+            let (head, len) = match head::parse(&c.buf) {
+                Ok(Parsed::Partial) => return Action::Keep,
+                Ok(Parsed::Complete(h, len)) => (h, len),
+                Err(e) => return Action::Dispatch(Err(Reject::Head(e))),
+            };
+            let Some(limit) = shared.service.collect_body(&head) else {
+                return Action::Dispatch(Ok((head, len)));
+            };
+            let collector = Collector::new(head.framing, limit);
+            if collector.progress() == Progress::More && head.expect_continue && c.buf.len() == len
+            {
+                // The client waits for this before it sends the body.
+                c.socket.write_now(b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+            c.state = State::Body;
+            c.deadline = Instant::now() + shared.opts.request_header;
+            c.collecting = Some(Box::new(Collecting { head, head_len: len, collector }));
+            return self.advance(i, len);
+        }
+        let Some(collecting) = c.collecting.as_mut() else {
+            return Action::Keep;
+        };
+        let new = c.buf.get(fed.max(collecting.head_len)..).unwrap_or_default();
+        match collecting.collector.feed(new) {
+            Progress::More => Action::Keep,
+            Progress::TooLarge => Action::Dispatch(Err(Reject::BodyTooLarge)),
+            // A broken body is the worker's to report (it reads it from the
+            // buffer without waiting).
+            Progress::Complete | Progress::Malformed => {
+                let Collecting { head, head_len, .. } =
+                    *c.collecting.take().expect("checked above");
+                Action::Dispatch(Ok((head, head_len)))
+            }
+        }
+    }
+
+    fn dispatch(&self, held: Held, parsed: Request) {
         let peer = held.peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let job =
-            Job { conn: Conn::new(held.socket, peer, held.buf), parsed, queued_at: Instant::now() };
+        let job = Job {
+            conn: Conn::new(held.socket, peer, held.buf),
+            ticket: held.ticket,
+            parsed,
+            queued_at: Instant::now(),
+        };
         let mut q = lock(&self.shared.queue);
         q.jobs.push_back(job);
         // Idle workers that were notified but have not woken yet still count
@@ -610,31 +828,45 @@ impl Acceptor {
         let now = Instant::now();
         for r in returned {
             match r {
-                Returned::Idle(conn) => {
+                Returned::Idle(conn, ticket) => {
                     if self.drain_deadline.is_some() {
                         continue;
                     }
                     let (socket, peer, buf) = conn.into_parts();
-                    let (state, deadline) = if buf.is_empty() {
-                        (State::Idle, now + self.shared.opts.idle)
-                    } else {
-                        (State::Head, now + self.shared.opts.request_header)
-                    };
-                    self.conns.push(Held {
-                        socket,
-                        peer: Some(peer),
-                        buf,
-                        state,
-                        deadline,
-                        discarded: 0,
-                    });
+                    if buf.is_empty() {
+                        let deadline = now + self.shared.opts.idle;
+                        self.conns.push(Held::new(
+                            socket,
+                            peer,
+                            ticket,
+                            buf,
+                            State::Idle,
+                            deadline,
+                        ));
+                        continue;
+                    }
+                    // Part of the next request is here already, perhaps a
+                    // whole head whose body the intake must collect.
+                    let deadline = now + self.shared.opts.request_header;
+                    self.conns.push(Held::new(socket, peer, ticket, buf, State::Head, deadline));
+                    let i = self.conns.len() - 1;
+                    match self.advance(i, 0) {
+                        Action::Keep => {}
+                        Action::Drop => drop(self.conns.swap_remove(i)),
+                        Action::Dispatch(parsed) => {
+                            let held = self.conns.swap_remove(i);
+                            self.dispatch(held, parsed);
+                        }
+                    }
                 }
-                Returned::Linger(stream) => self.conns.push(Held {
+                Returned::Linger(stream, ticket) => self.conns.push(Held {
                     socket: Socket::Plain(stream),
                     peer: None,
+                    ticket,
                     buf: Vec::new(),
                     state: State::Linger,
                     deadline: now + LINGER,
+                    collecting: None,
                     discarded: 0,
                 }),
             }
@@ -649,12 +881,16 @@ impl Acceptor {
                 continue;
             }
             let mut c = self.conns.swap_remove(i);
-            if c.state == State::Head {
+            if matches!(c.state, State::Head | State::Body) {
                 if let Some(peer) = c.peer {
-                    self.shared.service.refused(peer, 408, "request header timeout");
+                    let reason = match c.state {
+                        State::Body => "request body timeout",
+                        _ => "request header timeout",
+                    };
+                    self.shared.service.refused(peer, 408, reason);
                 }
-                c.socket.write_now(REQUEST_TIMEOUT);
-                linger_now(c.socket, &mut self.conns, now);
+                c.socket.write_now(&REQUEST_TIMEOUT);
+                linger_now(c.socket, c.ticket, &mut self.conns, now);
             }
         }
         // Connections that waited too long for a worker.
@@ -671,24 +907,27 @@ impl Acceptor {
         for job in expired {
             self.shared.service.refused(job.conn.peer, 503, "server busy");
             let (mut socket, _, _) = job.conn.into_parts();
-            socket.write_now(SERVER_BUSY);
-            linger_now(socket, &mut self.conns, now);
+            socket.write_now(&SERVER_BUSY);
+            linger_now(socket, job.ticket, &mut self.conns, now);
         }
     }
 }
 
-const SERVER_BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 25\r\nConnection: close\r\n\r\n{\"error\":\"server busy\"}\n";
-const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: 29\r\nConnection: close\r\n\r\n{\"error\":\"request timeout\"}\n";
+/// The intake's own answers, built once by [`canned`].
+static SERVER_BUSY: LazyLock<Vec<u8>> = LazyLock::new(|| canned(503, "server busy"));
+static REQUEST_TIMEOUT: LazyLock<Vec<u8>> = LazyLock::new(|| canned(408, "request timeout"));
 
-fn linger_now(socket: Socket, conns: &mut Vec<Held>, now: Instant) {
+fn linger_now(socket: Socket, ticket: Ticket, conns: &mut Vec<Held>, now: Instant) {
     let stream = socket.into_tcp(true);
     let _ = stream.shutdown(Shutdown::Write);
     conns.push(Held {
         socket: Socket::Plain(stream),
         peer: None,
+        ticket,
         buf: Vec::new(),
         state: State::Linger,
         deadline: now + LINGER,
+        collecting: None,
         discarded: 0,
     });
 }
@@ -728,7 +967,7 @@ fn worker(shared: Arc<Shared>) {
 /// Serves requests on one connection while their heads are already buffered,
 /// then hands the connection back to the acceptor (idle or closing).
 fn serve(shared: &Shared, job: Job) {
-    let Job { mut conn, mut parsed, .. } = job;
+    let Job { mut conn, ticket, mut parsed, .. } = job;
     let service = &*shared.service;
     loop {
         let started = Instant::now();
@@ -736,23 +975,19 @@ fn serve(shared: &Shared, job: Job) {
             Ok(p) => p,
             Err(e) => {
                 let (status, reason) = match e {
-                    HeadError::TooLarge => (431, "request header fields too large"),
-                    HeadError::Bad(r) => (400, r),
-                    HeadError::Target(t) => (400, t.reason()),
-                    HeadError::Expectation => (417, "expectation failed"),
-                };
-                let body = match status {
-                    400 => format!("{{\"error\":\"bad request: {reason}\"}}\n"),
-                    _ => format!("{{\"error\":\"{reason}\"}}\n"),
+                    Reject::Head(HeadError::TooLarge) => (431, "request header fields too large"),
+                    Reject::Head(HeadError::Bad(r)) => (400, r),
+                    Reject::Head(HeadError::Target(t)) => (400, t.reason()),
+                    Reject::Head(HeadError::Expectation) => (417, "expectation failed"),
+                    Reject::BodyTooLarge => (413, "request body too large"),
                 };
                 service.refused(conn.peer, status, reason);
-                let response = format!(
-                    "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    super::exchange::reason(status),
-                    body.len()
-                );
-                let _ = conn.write_all(response.as_bytes(), shared.opts.request_body);
-                return close(shared, conn, true);
+                let response = match status {
+                    400 => canned(status, &format!("bad request: {reason}")),
+                    _ => canned(status, reason),
+                };
+                let _ = conn.write_all(&response, shared.opts.request_body);
+                return close(shared, conn, ticket, true);
             }
         };
         conn.consume(len);
@@ -784,12 +1019,12 @@ fn serve(shared: &Shared, job: Job) {
         let (keep, clean) = (ex.keep_alive(), !ex.aborted());
         drop(ex);
         if !keep {
-            return close(shared, conn, clean);
+            return close(shared, conn, ticket, clean);
         }
         match next_head(shared, &mut conn) {
             Some(next) => parsed = next,
             None => {
-                lock(&shared.returned).push(Returned::Idle(conn));
+                lock(&shared.returned).push(Returned::Idle(conn, ticket));
                 wake(&shared.wake);
                 return;
             }
@@ -799,13 +1034,25 @@ fn serve(shared: &Shared, job: Job) {
 
 /// The next request head on a kept-alive connection, if it is already here
 /// or arrives within [`KEEPALIVE_GRACE`] while no other connection waits for
-/// a worker (see [`KEEPALIVE_GRACE`]).
-fn next_head(shared: &Shared, conn: &mut Conn) -> Option<Result<(Box<Head>, usize), HeadError>> {
+/// a worker (see [`KEEPALIVE_GRACE`]). A request whose body the intake must
+/// collect is served here only if that body is here whole; otherwise the
+/// connection goes back to the acceptor, which waits for the body without a
+/// worker.
+fn next_head(shared: &Shared, conn: &mut Conn) -> Option<Request> {
     let mut waited = false;
     loop {
         match head::parse(conn.buffered()) {
-            Ok(Parsed::Complete(h, len)) => return Some(Ok((h, len))),
-            Err(e) => return Some(Err(e)),
+            Ok(Parsed::Complete(h, len)) => {
+                if let Some(limit) = shared.service.collect_body(&h) {
+                    let mut collector = Collector::new(h.framing, limit);
+                    let body = conn.buffered().get(len..).unwrap_or_default();
+                    if matches!(collector.feed(body), Progress::More | Progress::TooLarge) {
+                        return None;
+                    }
+                }
+                return Some(Ok((h, len)));
+            }
+            Err(e) => return Some(Err(Reject::Head(e))),
             Ok(Parsed::Partial) => {}
         }
         if waited || lock(&shared.queue).pressure {
@@ -831,11 +1078,60 @@ fn next_head(shared: &Shared, conn: &mut Conn) -> Option<Result<(Box<Head>, usiz
 
 /// Closes after a final response: shut our side, then let the acceptor
 /// discard whatever the client still sends.
-fn close(shared: &Shared, conn: Conn, clean: bool) {
+fn close(shared: &Shared, conn: Conn, ticket: Ticket, clean: bool) {
     let (socket, _, _) = conn.into_parts();
     let stream = socket.into_tcp(clean);
     if stream.shutdown(Shutdown::Write).is_ok() {
-        lock(&shared.returned).push(Returned::Linger(stream));
+        lock(&shared.returned).push(Returned::Linger(stream, ticket));
         wake(&shared.wake);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_cap_follows_the_open_file_limit() {
+        assert_eq!(cap_for(128, 1 << 20), 1152);
+        assert_eq!(cap_for(8, 20_000), 1032);
+        // 1024 files, 128 workers: 1024 - 64 - 256.
+        assert_eq!(cap_for(128, 1024), 704);
+        assert_eq!(cap_for(128, 100), 16);
+    }
+
+    #[test]
+    fn admission_counts_per_address_and_in_all() {
+        let table = Arc::new(Mutex::new(Table::default()));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let tickets: Vec<Ticket> = (0..2).map(|_| Ticket::take(&table, a)).collect();
+        let t = lock(&table);
+        assert_eq!(t.admission(a, Some(2), 10), Admission::PeerFull);
+        assert_eq!(t.admission(a, Some(3), 10), Admission::Admit);
+        assert_eq!(t.admission(a, None, 10), Admission::Admit);
+        assert_eq!(t.admission(b, Some(2), 10), Admission::Admit);
+        assert_eq!(t.admission(b, Some(2), 2), Admission::TableFull);
+        // The address cap is checked first: a capped address displaces nobody.
+        assert_eq!(t.admission(a, Some(2), 2), Admission::PeerFull);
+        drop(t);
+        drop(tickets);
+        let t = lock(&table);
+        assert_eq!(t.open, 0);
+        assert!(t.per_ip.is_empty(), "addresses without connections are forgotten");
+    }
+
+    #[test]
+    fn the_victim_is_closing_then_idle_then_oldest_sending() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let pick = |list: &[(State, Instant)]| victim(list.iter().copied());
+        assert_eq!(pick(&[]), None);
+        let list = [(State::Head, at(1)), (State::Idle, at(9)), (State::Linger, at(50))];
+        assert_eq!(pick(&list), Some(2));
+        let list = [(State::Head, at(1)), (State::Idle, at(9)), (State::Idle, at(5))];
+        assert_eq!(pick(&list), Some(2));
+        let list = [(State::Head, at(7)), (State::Body, at(3)), (State::Head, at(5))];
+        assert_eq!(pick(&list), Some(1));
     }
 }

@@ -259,6 +259,12 @@ impl Butler {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Starts butler with its open-file limit (`RLIMIT_NOFILE`, soft and hard) set to `files`,
+    /// so that it cannot raise it: for tests of the connection cap that derives from it.
+    pub fn start_with_open_files(yaml: &str, files: u64) -> Butler {
+        Butler::try_start_opts(None, yaml, &[], &[], Some(files)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// The fallible form: `Err` carries a description and the process output, for tests that
     /// expect startup to fail.
     pub fn try_start(
@@ -266,6 +272,16 @@ impl Butler {
         yaml: &str,
         extra_args: &[&str],
         envs: &[(&str, &str)],
+    ) -> Result<Butler, String> {
+        Butler::try_start_opts(dir, yaml, extra_args, envs, None)
+    }
+
+    fn try_start_opts(
+        dir: Option<&Path>,
+        yaml: &str,
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+        open_files: Option<u64>,
     ) -> Result<Butler, String> {
         let owned_dir = if dir.is_none() { Some(TempDir::new()) } else { None };
         let dir_path = dir
@@ -278,7 +294,23 @@ impl Butler {
         let config_arg = config_path.to_string_lossy().into_owned();
         let mut args = vec!["--config", config_arg.as_str()];
         args.extend_from_slice(extra_args);
-        let mut child = command(&args, envs, &dir_path)
+        let mut cmd = command(&args, envs, &dir_path);
+        if let Some(files) = open_files {
+            use std::os::unix::process::CommandExt;
+            let limit =
+                libc::rlimit { rlim_cur: files as libc::rlim_t, rlim_max: files as libc::rlim_t };
+            // SAFETY: only setrlimit, which is async-signal-safe, runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -8,7 +8,7 @@
 //! Every read carries a deadline: a broken product makes a test fail with a message, never hang.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 /// Default deadline for one whole exchange (connect, send, read the complete response).
@@ -435,6 +435,83 @@ fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
+/// Connects to `dst` from the local address `src` (port chosen by the system), so tests can
+/// play several clients: Linux routes all of 127.0.0.0/8 to the loopback interface.
+pub fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(dst) = dst else {
+        return Err(io::Error::new(ErrorKind::InvalidInput, format!("IPv4 only: {dst}")));
+    };
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a fresh socket whose descriptor goes into a TcpStream at once (which closes it on
+    // every path); the address pointers point at live, correctly sized sockaddr_in values.
+    let stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sockaddr(src, 0);
+        if libc::bind(fd, (&raw const local).cast(), len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let remote = sockaddr(*dst.ip(), dst.port());
+        if libc::connect(fd, (&raw const remote).cast(), len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        stream
+    };
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(DEFAULT_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// Parses everything received on a connection that the server then closed as exactly one
+/// response, as strictly as a careful client (Python's `requests`, curl) reads it: a complete
+/// head, one `Content-Length`, and exactly that many body bytes before the close — fewer is a
+/// truncated body, more is garbage after the response.
+pub fn parse_strict(raw: &[u8]) -> Result<Response, String> {
+    let text = || String::from_utf8_lossy(raw).into_owned();
+    let end = find(raw, b"\r\n\r\n").ok_or_else(|| format!("no complete head: {:?}", text()))?;
+    let head = parse_head(&raw[..end + 4]).map_err(|e| e.to_string())?;
+    let lengths: Vec<&str> = head
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let [length] = lengths[..] else {
+        return Err(format!("want exactly one Content-Length: {:?}", text()));
+    };
+    let length: usize =
+        length.parse().map_err(|_| format!("bad Content-Length {length:?}: {:?}", text()))?;
+    let body = &raw[end + 4..];
+    if body.len() != length {
+        return Err(format!(
+            "Content-Length {length} but {} body bytes before the close: {:?}",
+            body.len(),
+            text()
+        ));
+    }
+    Ok(Response {
+        version: head.version,
+        status: head.status,
+        reason: head.reason,
+        headers: head.headers,
+        body: body.to_vec(),
+        framing: Framing::Length(length as u64),
+        chunks: Vec::new(),
+        trailers: Vec::new(),
+        complete: true,
+    })
+}
+
 /// Serialises an HTTP/1.1 request. `Host`, `Content-Length` and `Connection: close` are added
 /// unless the caller supplied that header (or `Transfer-Encoding`, in which case the body is
 /// sent exactly as given and must already be chunk-encoded). `Content-Length` is sent when
@@ -616,6 +693,11 @@ impl RawConn {
 
     pub fn try_connect(addr: SocketAddr) -> io::Result<RawConn> {
         Ok(RawConn { wire: Wire::new(connect(addr)?), addr })
+    }
+
+    /// Connects from the local address `src` (see [`connect_from`]).
+    pub fn try_connect_from(src: Ipv4Addr, addr: SocketAddr) -> io::Result<RawConn> {
+        Ok(RawConn { wire: Wire::new(connect_from(src, addr)?), addr })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -24,7 +24,8 @@ pub use butler::{
 };
 pub use client::{
     DEFAULT_TIMEOUT, Framing, RawConn, RawResponse, Response, StreamEnd, StreamingResponse,
-    build_request, find_header, get, post_json, request, send_raw, try_request,
+    build_request, connect_from, find_header, get, parse_strict, post_json, request, send_raw,
+    try_request,
 };
 pub use fake_ollama::{Behavior, Canned, Event, FakeOllama, MAX_RECORDED_BODY, Recorded};
 

@@ -570,12 +570,14 @@ fn a_login_body_must_arrive_whole_in_time_and_holds_no_worker() {
     let mut drip = RawConn::connect(butler.addr());
     let head_sent = Instant::now();
     drip.write(&raw[..body_at + 1]).unwrap();
-    // The only worker is free for a client with a key.
-    let served = get(butler.addr(), "/api/tags", &[("Authorization", &bearer())]);
-    assert_eq!(served.status, 200, "{}", served.body_str());
     // One byte every 100 ms: never a long pause, yet never done in time.
     let mut next = body_at + 1;
+    let mut served = None;
     let response = loop {
+        if served.is_none() && next == body_at + 5 {
+            // Half-way, the only worker is free for a client with a key.
+            served = Some(get(butler.addr(), "/api/tags", &[("Authorization", &bearer())]));
+        }
         match drip.read_response("POST", Duration::from_millis(100)) {
             Ok(r) => break r,
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
@@ -588,6 +590,8 @@ fn a_login_body_must_arrive_whole_in_time_and_holds_no_worker() {
         }
     };
     let took = head_sent.elapsed();
+    let served = served.expect("the client with a key had its turn");
+    assert_eq!(served.status, 200, "{}", served.body_str());
     assert_error(&response, 408, "request timeout");
     assert!(response.connection_close());
     assert!(took >= Duration::from_millis(900), "408 after only {took:?}");

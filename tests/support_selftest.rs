@@ -341,3 +341,18 @@ fn early_response_is_read_despite_failed_body_write() {
     assert_eq!(response.status, 413);
     assert_eq!(response.json()["error"], "request body too large");
 }
+
+#[test]
+fn strict_parse_wants_exactly_the_announced_length() {
+    let ok = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 24\r\n\r\n{\"error\":\"server busy\"}\n";
+    let r = support::parse_strict(ok).expect("exact length");
+    assert_eq!((r.status, r.body.len()), (503, 24));
+    let long = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 25\r\n\r\n{\"error\":\"server busy\"}\n";
+    let err = support::parse_strict(long).expect_err("announces a byte more than it sends");
+    assert!(err.contains("Content-Length 25 but 24"), "{err}");
+    let short = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nab";
+    assert!(support::parse_strict(short).is_err(), "bytes after the body");
+    let none = b"HTTP/1.1 200 OK\r\n\r\nab";
+    assert!(support::parse_strict(none).is_err(), "no Content-Length");
+    assert!(support::parse_strict(b"HTTP/1.1 200 OK\r\n").is_err(), "no complete head");
+}

@@ -55,6 +55,8 @@ const LINGER_BYTES: usize = 1 << 20;
 /// waiting worker give its idle connection back at once, so idle keep-alive
 /// connections yield to new requests first.
 const KEEPALIVE_GRACE: Duration = Duration::from_secs(1);
+/// Pending connections the kernel may queue for the acceptor.
+const LISTEN_BACKLOG: libc::c_int = 4096;
 /// Stack for connection threads; parsing is iterative and bounded.
 const WORKER_STACK: usize = 1 << 20;
 
@@ -326,6 +328,15 @@ impl Server {
         tls: Option<TlsConfig>,
     ) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
+        // std listens with a backlog of 128: a burst of new connections (a
+        // flood, or many clients at once) then overflows the kernel's accept
+        // queue before the acceptor wakes, and a client whose SYN is dropped
+        // waits a second for its retry. Ask for more; the kernel caps it at
+        // net.core.somaxconn. (Listening again only changes the backlog.)
+        // SAFETY: listen(2) on a socket this listener owns.
+        if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         let (wake_rx, wake_tx) = UnixStream::pair()?;
         let (pressure_rx, pressure_tx) = UnixStream::pair()?;
         for s in [&wake_rx, &wake_tx, &pressure_rx, &pressure_tx] {

@@ -297,8 +297,7 @@ impl Butler {
         let mut cmd = command(&args, envs, &dir_path);
         if let Some(files) = open_files {
             use std::os::unix::process::CommandExt;
-            let limit =
-                libc::rlimit { rlim_cur: files as libc::rlim_t, rlim_max: files as libc::rlim_t };
+            let limit = libc::rlimit { rlim_cur: files, rlim_max: files };
             // SAFETY: only setrlimit, which is async-signal-safe, runs between fork and exec.
             unsafe {
                 cmd.pre_exec(move || {

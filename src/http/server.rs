@@ -672,7 +672,7 @@ impl Acceptor {
     /// once if its address is at `max_connections_per_ip`; with 503 if the
     /// table is full and nothing can be displaced.
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
-        let ip = crate::addr::canonical(peer.ip());
+        let ip = peer.ip().to_canonical();
         let per_ip = self.shared.service.connection_limit(ip);
         let admission = lock(&self.shared.table).admission(ip, per_ip, self.max_conns);
         match admission {

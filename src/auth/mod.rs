@@ -356,13 +356,12 @@ fn credentials(head: &Head) -> Result<Vec<Credential>, Failure> {
     if creds.is_empty() { Err(Failure::Missing) } else { Ok(creds) }
 }
 
-/// The secret of an `Authorization` value: the bearer token, or the Basic
-/// password (used for the metrics token).
-pub fn authorization_key(value: &str) -> Result<String, Failure> {
-    match authorization(value)? {
-        Credential::Bearer(t) => Ok(t),
-        Credential::Basic { password, .. } => Ok(password),
-        Credential::ApiKey(k) => Ok(k),
+/// The token of an `Authorization: Bearer` value; `None` for any other
+/// scheme (the metrics token is Bearer only, SPEC §10).
+pub fn bearer_token(value: &str) -> Option<String> {
+    match authorization(value).ok()? {
+        Credential::Bearer(t) => Some(t),
+        Credential::Basic { .. } | Credential::ApiKey(_) => None,
     }
 }
 

@@ -505,9 +505,9 @@ impl AuthFailures {
         let now = self.nanos(now);
         let state = lock(&self.state);
         match state.map.get(&addr) {
-            Some(w) => w
-                .admit(now)
-                .map_err(|at| Limited { retry_after: Duration::from_nanos(at.saturating_sub(now)) }),
+            Some(w) => w.admit(now).map_err(|at| Limited {
+                retry_after: Duration::from_nanos(at.saturating_sub(now)),
+            }),
             None => Ok(()),
         }
     }

@@ -530,17 +530,25 @@ fn expiry_allowed_addresses_and_trusted_proxies() {
     let butler = support::Butler::start(&yaml);
     let tags = |headers: &[(&str, &str)]| get(butler.addr(), "/api/tags", headers);
 
-    assert_error(&tags(&[("Authorization", "Bearer sk-expired-1-0f0e0d0c0b")]), 401, "unauthorized");
+    assert_error(
+        &tags(&[("Authorization", "Bearer sk-expired-1-0f0e0d0c0b")]),
+        401,
+        "unauthorized",
+    );
     assert_eq!(tags(&[("Authorization", "Bearer sk-later-3-6f5e4d3c2b")]).status, 200);
 
     // The peer (127.0.0.1) is a trusted proxy: the client is the right-most untrusted hop.
     assert_error(&tags(&[("Authorization", "Bearer sk-lan-2-1a2b3c4d5e6f")]), 403, "forbidden");
-    let spoofed =
-        [("Authorization", "Bearer sk-lan-2-1a2b3c4d5e6f"), ("X-Forwarded-For", "10.1.2.3, 192.0.2.9")];
+    let spoofed = [
+        ("Authorization", "Bearer sk-lan-2-1a2b3c4d5e6f"),
+        ("X-Forwarded-For", "10.1.2.3, 192.0.2.9"),
+    ];
     assert_error(&tags(&spoofed), 403, "forbidden");
     let before = fake.request_count();
-    let via_proxy =
-        [("Authorization", "Bearer sk-lan-2-1a2b3c4d5e6f"), ("X-Forwarded-For", "192.0.2.9, 10.1.2.3")];
+    let via_proxy = [
+        ("Authorization", "Bearer sk-lan-2-1a2b3c4d5e6f"),
+        ("X-Forwarded-For", "192.0.2.9, 10.1.2.3"),
+    ];
     assert_eq!(tags(&via_proxy).status, 200);
     assert_eq!(fake.request_count(), before + 1);
     let seen = fake.last_request().unwrap();
@@ -561,7 +569,8 @@ fn an_untrusted_forwarded_for_is_ignored() {
         "clients:\n  - name: lan\n    key: \"sk-lan-9-9a8b7c6d5e4f\"\n    allow_ips: [\"10.0.0.0/8\"]\n    allow_models: [\"*\"]\n",
     );
     let butler = support::Butler::start(&yaml);
-    let spoofed = [("Authorization", "Bearer sk-lan-9-9a8b7c6d5e4f"), ("X-Forwarded-For", "10.1.2.3")];
+    let spoofed =
+        [("Authorization", "Bearer sk-lan-9-9a8b7c6d5e4f"), ("X-Forwarded-For", "10.1.2.3")];
     assert_error(&get(butler.addr(), "/api/tags", &spoofed), 403, "forbidden");
     let r = get(
         butler.addr(),
@@ -658,8 +667,7 @@ fn retry_after(response: &support::Response, window_secs: u64) -> u64 {
 fn failed_authentications_block_the_client_address() {
     let fake = FakeOllama::start();
     // The peer (127.0.0.1) is a trusted proxy, so X-Forwarded-For names the client (SPEC §11).
-    let butler =
-        start(&fake, "auth_failure_limit: 3/min\ntrusted_proxies: [\"127.0.0.1/32\"]\n");
+    let butler = start(&fake, "auth_failure_limit: 3/min\ntrusted_proxies: [\"127.0.0.1/32\"]\n");
     let from = |ip: &'static str, auth: Option<(&'static str, String)>| {
         let mut headers: Vec<(&str, String)> = vec![("X-Forwarded-For", ip.to_owned())];
         headers.extend(auth);
@@ -680,11 +688,7 @@ fn failed_authentications_block_the_client_address() {
         "unauthorized",
     );
     assert_error(&from(attacker, Some(("x-api-key", wrong.to_owned()))), 401, "unauthorized");
-    assert_error(
-        &from(attacker, Some(("Authorization", basic("u", wrong)))),
-        401,
-        "unauthorized",
-    );
+    assert_error(&from(attacker, Some(("Authorization", basic("u", wrong)))), 401, "unauthorized");
 
     // The limit is reached: even the right key is refused, unchecked, with Retry-After.
     let blocked = from(attacker, Some(("Authorization", bearer())));
@@ -721,7 +725,8 @@ fn auth_failure_limit_unlimited_never_blocks() {
     let fake = FakeOllama::start();
     let butler = start(&fake, "auth_failure_limit: unlimited\n");
     for _ in 0..40 {
-        let r = get(butler.addr(), "/api/tags", &[("Authorization", "Bearer sk-wrong-guess-00000")]);
+        let r =
+            get(butler.addr(), "/api/tags", &[("Authorization", "Bearer sk-wrong-guess-00000")]);
         assert_error(&r, 401, "unauthorized");
     }
     assert_eq!(get(butler.addr(), "/api/tags", &[("Authorization", &bearer())]).status, 200);

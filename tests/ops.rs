@@ -483,8 +483,7 @@ fn the_label_bound_folds_models_before_clients() {
     show(KEY2, "llama3.2");
     let text = get(butler.addr(), "/metrics", &[]).body_str();
     let samples = validate_exposition(&text);
-    let sets: Vec<&Sample> =
-        samples.iter().filter(|s| s.name == "butler_requests_total").collect();
+    let sets: Vec<&Sample> = samples.iter().filter(|s| s.name == "butler_requests_total").collect();
     let counted = sets.iter().filter(|s| s.label("model") != Some("other")).count();
     assert_eq!(counted, 1000, "label sets without an `other` value");
     assert_eq!(sets.len(), 1002, "{sets:?}");
@@ -735,7 +734,13 @@ fn max_keep_alive_takes_a_number_of_seconds() {
     let butler = Butler::start(&yaml("600"));
     let generate = |butler: &Butler, keep_alive: &str| {
         let body = format!(r#"{{"model":"llama3.2","prompt":"hi","keep_alive":{keep_alive}}}"#);
-        request(butler.addr(), "POST", "/api/generate", &[("Authorization", &bearer())], body.as_bytes())
+        request(
+            butler.addr(),
+            "POST",
+            "/api/generate",
+            &[("Authorization", &bearer())],
+            body.as_bytes(),
+        )
     };
     for within in ["600", "\"10m\"", "0", "\"599s\""] {
         assert_eq!(generate(&butler, within).status, 200, "{within}");
@@ -783,13 +788,21 @@ fn interpolation_leaves_dollars_alone_and_expands_references() {
         &[],
         &[("UPSTREAM_FOR_TEST", &upstream), ("KEY_FOR_TEST", "a-longer-middle-part")],
     );
-    for key in [bcrypt_like, "${LITERAL_NOT_EXPANDED}", "sk-default-from-the-yaml", "pre-a-longer-middle-part-post"] {
+    for key in [
+        bcrypt_like,
+        "${LITERAL_NOT_EXPANDED}",
+        "sk-default-from-the-yaml",
+        "pre-a-longer-middle-part-post",
+    ] {
         let r = get(butler.addr(), "/api/tags", &[("Authorization", &format!("Bearer {key}"))]);
         assert_eq!(r.status, 200, "key {key:?}");
     }
-    for not_a_key in
-        ["$2b$10$", "$${LITERAL_NOT_EXPANDED}", "${UNSET_FOR_TEST:-sk-default-from-the-yaml}", "pre-${KEY_FOR_TEST}-post"]
-    {
+    for not_a_key in [
+        "$2b$10$",
+        "$${LITERAL_NOT_EXPANDED}",
+        "${UNSET_FOR_TEST:-sk-default-from-the-yaml}",
+        "pre-${KEY_FOR_TEST}-post",
+    ] {
         let r =
             get(butler.addr(), "/api/tags", &[("Authorization", &format!("Bearer {not_a_key}"))]);
         assert_eq!(r.status, 401, "{not_a_key:?}");

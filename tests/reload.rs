@@ -13,9 +13,9 @@ fn yaml(upstream: &str, clients: &str) -> String {
     format!("listen: \"127.0.0.1:0\"\nupstream: \"{upstream}\"\nclients:\n{clients}")
 }
 
-const A: &str =
-    "  - name: a\n    key: \"sk-reload-a-5f1e2d3c4b\"\n    allow_models: [\"*\"]\n    rate_limit: 2/min\n";
-const B: &str = "  - name: b\n    key: \"sk-reload-b-4b3c2d1e5f\"\n    allow_models: [\"llama3.2\"]\n";
+const A: &str = "  - name: a\n    key: \"sk-reload-a-5f1e2d3c4b\"\n    allow_models: [\"*\"]\n    rate_limit: 2/min\n";
+const B: &str =
+    "  - name: b\n    key: \"sk-reload-b-4b3c2d1e5f\"\n    allow_models: [\"llama3.2\"]\n";
 
 fn tags(butler: &Butler, key: &str) -> support::Response {
     get(butler.addr(), "/api/tags", &[("Authorization", &format!("Bearer {key}"))])
@@ -135,7 +135,8 @@ fn a_request_in_flight_finishes_under_its_policy() {
 #[test]
 fn failed_authentications_stay_counted_across_a_reload() {
     let fake = FakeOllama::start();
-    let limited = |clients: &str| format!("auth_failure_limit: 2/min\n{}", yaml(&fake.url(), clients));
+    let limited =
+        |clients: &str| format!("auth_failure_limit: 2/min\n{}", yaml(&fake.url(), clients));
     let butler = Butler::start(&limited(B));
     for _ in 0..2 {
         assert_error(&tags(&butler, "sk-guess-guess-guess-guess"), 401, "unauthorized");

@@ -541,13 +541,9 @@ fn read_client(
     };
     let entry = ClientEntry { name: name.clone(), key: key_sha256 };
     let client = match (name, key_sha256) {
-        (Some(name), Some((key_sha256, _))) if valid_key => Some(Client {
-            name,
-            key_sha256,
-            expires,
-            allow_ips,
-            policy: Arc::new(policy),
-        }),
+        (Some(name), Some((key_sha256, _))) if valid_key => {
+            Some(Client { name, key_sha256, expires, allow_ips, policy: Arc::new(policy) })
+        }
         _ => None,
     };
     (client, entry)
@@ -1149,7 +1145,10 @@ mod tests {
             "  - {name: c, key_sha256: abc}",
             "  - {name: d}",
             &format!("  - {{name: e, key: sk-unit-test-key-0005, key_sha256: {KEY_DIGEST}}}"),
-            &format!("  - {{name: f, key_sha256: \"{}\"}}", crate::auth::keys::hex(&sha256(same.as_bytes()))),
+            &format!(
+                "  - {{name: f, key_sha256: \"{}\"}}",
+                crate::auth::keys::hex(&sha256(same.as_bytes()))
+            ),
             "  - {name: a, key: short}",
         ]
         .join("\n");
@@ -1171,7 +1170,9 @@ mod tests {
 
     #[test]
     fn plaintext_keys_need_twenty_characters() {
-        let yaml = |key: &str| format!("upstream: http://h:1\nclients:\n  - {{name: a, key: \"{key}\"}}\n");
+        let yaml = |key: &str| {
+            format!("upstream: http://h:1\nclients:\n  - {{name: a, key: \"{key}\"}}\n")
+        };
         assert!(parse(&yaml(&"k".repeat(20))).is_ok());
         // Characters, not bytes: 19 of them in 38 bytes are too few.
         let errs = parse(&yaml(&"é".repeat(19))).unwrap_err();
@@ -1184,8 +1185,10 @@ mod tests {
         assert!(!errs[0].contains("\"a\""), "{errs:?}");
         // A digest is not a key: any 64 hex digits pass.
         assert!(
-            parse(&format!("upstream: http://h:1\nclients:\n  - {{name: a, key_sha256: {KEY_DIGEST}}}\n"))
-                .is_ok()
+            parse(&format!(
+                "upstream: http://h:1\nclients:\n  - {{name: a, key_sha256: {KEY_DIGEST}}}\n"
+            ))
+            .is_ok()
         );
     }
 
@@ -1198,7 +1201,10 @@ mod tests {
              - {{name: u, password_hash: \"{hash}\"}}\n",
             "s".repeat(32)
         );
-        assert_eq!(parse(&yaml).unwrap_err(), ["users[2].name: duplicate user name \"u\" (users[0])"]);
+        assert_eq!(
+            parse(&yaml).unwrap_err(),
+            ["users[2].name: duplicate user name \"u\" (users[0])"]
+        );
     }
 
     #[test]
@@ -1214,14 +1220,18 @@ mod tests {
         assert_eq!(errs[1], "auth.jwt_secret: required when users log in (at least 32 bytes)");
         // A client whose key is too short is still a client: no "at least one client" error,
         // and in jwt_standalone mode it is reported as unused.
-        let errs = parse("upstream: http://h:1\nclients:\n  - {name: a, key: short}\n").unwrap_err();
+        let errs =
+            parse("upstream: http://h:1\nclients:\n  - {name: a, key: short}\n").unwrap_err();
         assert_eq!(errs.len(), 1, "{errs:?}");
         let errs = parse(
             "upstream: http://h:1\nauth: {mode: oidc, oidc: {issuer: \"https://idp\", client_id: b, \
              role_claim_path: r}}\nrole_policies: {x: {}}\nclients:\n  - {name: a, key: short}\n",
         )
         .unwrap_err();
-        assert!(errs.contains(&"clients: API-key clients are not used in auth.mode oidc".to_owned()), "{errs:?}");
+        assert!(
+            errs.contains(&"clients: API-key clients are not used in auth.mode oidc".to_owned()),
+            "{errs:?}"
+        );
         assert_eq!(errs.len(), 2, "{errs:?}");
     }
 
@@ -1288,7 +1298,10 @@ mod tests {
     fn example_config_is_valid() {
         let c = parse_env(
             include_str!("../../butler.example.yaml"),
-            &[("OPEN_WEBUI_KEY", "sk-example-open-webui-key"), ("INDEXER_KEY", "sk-example-indexer-key")],
+            &[
+                ("OPEN_WEBUI_KEY", "sk-example-open-webui-key"),
+                ("INDEXER_KEY", "sk-example-indexer-key"),
+            ],
         )
         .unwrap();
         assert_eq!(c.clients.len(), 3);
@@ -1346,7 +1359,9 @@ mod tests {
 
     #[test]
     fn env_overrides() {
-        let mut c = parse("upstream: http://h:1\nclients:\n  - {name: a, key: sk-unit-test-key-0001}\n").unwrap();
+        let mut c =
+            parse("upstream: http://h:1\nclients:\n  - {name: a, key: sk-unit-test-key-0001}\n")
+                .unwrap();
         let env = |n: &str| match n {
             "BUTLER_LISTEN" => Some("0.0.0.0:9000".to_string()),
             "BUTLER_UPSTREAM" => Some("http://ollama:11434".to_string()),

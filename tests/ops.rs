@@ -398,8 +398,12 @@ fn probes_and_scrapes_are_not_counted() {
         assert_eq!(get(butler.addr(), "/metrics", &[]).status, 401);
         assert_eq!(request(butler.addr(), "POST", "/healthz", &[], b"").status, 405);
     }
-    assert_eq!(get(butler.addr(), "/api/tags", &[("Authorization", &bearer())]).status, 200);
-    let text = get(butler.addr(), "/metrics", &scrape).body_str();
+    // On one keep-alive connection, so the scrape sees the request counted (it is counted after
+    // its answer, before the next request on the same connection is read).
+    let mut conn = RawConn::connect(butler.addr());
+    let tags = conn.roundtrip("GET", "/api/tags", &[("Authorization", &bearer())], b"");
+    assert_eq!(tags.status, 200);
+    let text = conn.roundtrip("GET", "/metrics", &scrape, b"").body_str();
     let samples = validate_exposition(&text);
     for public in ["/healthz", "/readyz", "/metrics"] {
         let counted: Vec<&Sample> =
@@ -469,10 +473,12 @@ fn the_metrics_token_is_bearer_only() {
 fn the_label_bound_folds_models_before_clients() {
     let fake = FakeOllama::start();
     let butler = start(&fake, "");
-    let show = |key: &str, model: &str| {
+    // One keep-alive connection: butler counts a request after answering it, but before it
+    // reads the next request on the same connection, so the scrape sees every earlier one.
+    let mut conn = RawConn::connect(butler.addr());
+    let mut show = |key: &str, model: &str| {
         let body = format!("{{\"model\":\"{model}\"}}");
         let auth = format!("Bearer {key}");
-        let mut conn = RawConn::connect(butler.addr());
         let r = conn.roundtrip("POST", "/api/show", &[("Authorization", &auth)], body.as_bytes());
         assert_eq!(r.status, 200, "{model}: {}", r.body_str());
     };
@@ -481,7 +487,7 @@ fn the_label_bound_folds_models_before_clients() {
     }
     show(KEY2, "m0");
     show(KEY2, "llama3.2");
-    let text = get(butler.addr(), "/metrics", &[]).body_str();
+    let text = conn.roundtrip("GET", "/metrics", &[], b"").body_str();
     let samples = validate_exposition(&text);
     let sets: Vec<&Sample> = samples.iter().filter(|s| s.name == "butler_requests_total").collect();
     let counted = sets.iter().filter(|s| s.label("model") != Some("other")).count();

@@ -467,4 +467,15 @@ mod tests {
         assert_eq!(who("Authorization: Bearer sk-a\r\nx-api-key: nope\r\n"), Err(Failure::Invalid));
         assert_eq!(who("Cookie: key=sk-a\r\n"), Err(Failure::Missing));
     }
+
+    #[test]
+    fn the_metrics_token_is_read_from_bearer_only() {
+        assert_eq!(bearer_token("Bearer tok-1"), Some("tok-1".to_owned()));
+        assert_eq!(bearer_token("bEaReR  tok-1 "), Some("tok-1".to_owned()));
+        // "dXNlcjp0b2stMQ==" is base64("user:tok-1").
+        assert_eq!(bearer_token("Basic dXNlcjp0b2stMQ=="), None);
+        assert_eq!(bearer_token("tok-1"), None);
+        assert_eq!(bearer_token("Token tok-1"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+    }
 }

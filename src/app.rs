@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::addr::{self, Cidr};
 use crate::auth::password::{self, LoginError};
-use crate::auth::{Authenticator, Identity, SubjectKind};
+use crate::auth::{Authenticator, Failure, Identity, SubjectKind};
 use crate::budget::Ledger;
 use crate::config::Config;
 use crate::cors::{Cors, Preflight};
@@ -25,7 +25,7 @@ use crate::http::exchange::BodyError;
 use crate::http::head::Framing;
 use crate::http::{Exchange, Head, Service};
 use crate::inspect::{self, MAX_INSPECTED};
-use crate::limits::{Concurrency, RateLimiter, Slot};
+use crate::limits::{AuthFailures, Concurrency, Limited, RateLimiter, Slot};
 use crate::logging;
 use crate::metrics::Metrics;
 use crate::policy::Refusal;
@@ -46,6 +46,8 @@ pub struct App {
     metrics: Arc<Metrics>,
     ids: Arc<RequestIds>,
     limiter: Arc<RateLimiter>,
+    /// Failed authentications per client address (SPEC §5).
+    failures: Arc<AuthFailures>,
     concurrency: Arc<Concurrency>,
     ledger: Arc<Ledger>,
     state_file: Option<String>,
@@ -64,6 +66,13 @@ impl App {
     /// Builds the pipeline; with OIDC this contacts the identity provider.
     /// `previous` (on a reload) hands over the state that survives reloads.
     pub fn new(config: &Config, previous: Option<&App>) -> Result<App, String> {
+        let failures = match previous {
+            Some(p) => {
+                p.failures.set_rate(config.auth_failure_limit);
+                p.failures.clone()
+            }
+            None => Arc::new(AuthFailures::new(config.auth_failure_limit)),
+        };
         let (metrics, ids, limiter, concurrency, ledger) = match previous {
             Some(p) => {
                 p.limiter.set_global(config.global_rate_limit);
@@ -89,6 +98,7 @@ impl App {
             metrics,
             ids,
             limiter,
+            failures,
             concurrency,
             ledger,
             state_file: config.state_file.clone(),
@@ -172,11 +182,12 @@ impl App {
             Public::Login => unreachable!("answered above"),
             Public::Metrics => {
                 if let Some(token) = &self.metrics_token {
+                    // Bearer only (SPEC §10): not a Basic password, not x-api-key.
                     let presented = ex
                         .head
                         .header("authorization")
                         .filter(|_| ex.head.header_count("authorization") == 1)
-                        .and_then(|v| crate::auth::authorization_key(v).ok());
+                        .and_then(crate::auth::bearer_token);
                     let ok = presented.is_some_and(|p| {
                         crate::config::sha256(p.as_bytes())
                             .ct_eq(&crate::config::sha256(token.as_bytes()))
@@ -215,6 +226,10 @@ impl App {
         // The intake has normally collected the body already (see
         // `collect_body`); should it not have, the same total deadline holds.
         ex.set_body_deadline(ex.started + self.login_body_wait);
+        let (remote, _) = self.client_addr(ex);
+        if let Err(limited) = self.failures.check(remote, Instant::now()) {
+            return self.too_many_failures(ex, remote, limited);
+        }
         let body = match ex.read_body_limited(MAX_LOGIN_BODY) {
             Ok(Some(body)) => body,
             Ok(None) => {
@@ -244,7 +259,6 @@ impl App {
                 return 400;
             }
         };
-        let (remote, _) = self.client_addr(ex);
         if let Err(limited) = self.auth.attempt(&user, remote, Instant::now()) {
             log::warn!(user = user.as_str(), remote = remote.to_string().as_str(),
                 status = 429u16, reason = "rate_limited"; "login refused");
@@ -271,6 +285,7 @@ impl App {
             None => {
                 log::warn!(user = user.as_str(), remote = remote.to_string().as_str(),
                     status = 401u16, reason = "unauthorized"; "login failed");
+                self.failures.record(remote, Instant::now());
                 self.metrics.rejected("", "unauthorized");
                 let _ = ex.respond_json(401, "{\"error\":\"invalid credentials\"}\n");
                 401
@@ -280,6 +295,22 @@ impl App {
 }
 
 impl App {
+    /// 429 for an address with too many failed authentications (SPEC §5),
+    /// its credentials unchecked.
+    fn too_many_failures(&self, ex: &mut Exchange<'_>, remote: IpAddr, limited: Limited) -> u16 {
+        log::warn!(method = ex.head.method.as_str(), path = ex.head.target.path.as_str(),
+            remote = remote.to_string().as_str(), status = 429u16, reason = "rate_limited";
+            "too many failed attempts");
+        self.metrics.rejected("", "rate_limited");
+        let retry = limited.retry_after_secs().to_string();
+        let _ = ex.respond(
+            429,
+            &[("Content-Type", b"application/json"), ("Retry-After", retry.as_bytes())],
+            b"{\"error\":\"too many failed attempts\"}\n",
+        );
+        429
+    }
+
     /// CORS (SPEC §11): answers a preflight (returning its status), or marks
     /// every response to an allowed origin. Other origins get no CORS headers,
     /// so browsers refuse to read the answers.
@@ -595,16 +626,28 @@ impl Service for App {
 
         if let Some(public) = routes::public(&path) {
             let status = self.public(ex, public);
-            self.metrics.request("", "", route, status, start.elapsed());
+            // Probes and scrapes are not traffic (SPEC §10).
+            if public == Public::Login {
+                self.metrics.request("", "", route, status, start.elapsed());
+            }
             return;
         }
 
         let (client_ip, forwarded_for) = self.client_addr(ex);
+        if let Err(limited) = self.failures.check(client_ip, Instant::now()) {
+            let status = self.too_many_failures(ex, client_ip, limited);
+            self.metrics.request("", "", route, status, start.elapsed());
+            return;
+        }
         let remote = client_ip.to_string();
         let method = ex.head.method.clone();
         let identity = match self.auth.authenticate(&ex.head, client_ip) {
             Ok(identity) => identity,
             Err(failure) => {
+                // Presented credentials that were refused count (SPEC §5).
+                if failure != Failure::Missing {
+                    self.failures.record(client_ip, Instant::now());
+                }
                 log::warn!(
                     request_id = id.as_str(), method = method.as_str(), path = path.as_str(),
                     remote = remote.as_str(), status = 401u16, reason = "unauthorized",

@@ -192,16 +192,15 @@ impl Ledger {
         self.lock().get_mut(key).map(|a| a.used(now)).unwrap_or_default()
     }
 
-    /// Writes the counters to `path` atomically (a temporary file renamed
-    /// over it), if anything changed since the last save.
+    /// Writes the counters to `path` atomically (SPEC §9), if anything
+    /// changed since the last save: see [`write_atomically`].
     pub fn save(&self, path: &str) -> std::io::Result<()> {
         if !self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
         let state = StateFile { version: 1, subjects: self.lock().clone() };
         let text = serde_json::to_vec(&state).map_err(std::io::Error::other)?;
-        let tmp = format!("{path}.tmp");
-        let result = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+        let result = write_atomically(std::path::Path::new(path), &text);
         if result.is_err() {
             self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -223,6 +222,48 @@ impl Ledger {
             Err(e) => Err(format!("cannot read state file {path}: {e}")),
         }
     }
+}
+
+/// Replaces `path` with `bytes` so that a reader (or a crash) sees the old
+/// file or the new one, never a mix: a new temporary file in the same
+/// directory, created exclusively under an unpredictable name (`O_EXCL`
+/// never follows a symlink, so nobody who can write to the directory can
+/// point it at another file), fsynced, renamed over `path`, and the
+/// directory fsynced so the rename itself survives a power loss.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut attempt = 0;
+    let (tmp, mut file) = loop {
+        let mut random = [0u8; 8];
+        crate::auth::keys::random_bytes(&mut random)?;
+        let tmp = dir.join(format!(".{name}.{}.tmp", crate::auth::keys::hex(&random)));
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
+            Ok(file) => break (tmp, file),
+            // A name taken by chance (or planted): draw another.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    };
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // Best effort: not every filesystem lets a directory be fsynced.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 fn account<'a>(accounts: &'a mut HashMap<String, Account>, key: &str, now: u64) -> &'a mut Account {

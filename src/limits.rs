@@ -449,6 +449,116 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// Most client addresses whose failed authentications are remembered (SPEC §5
+/// `auth_failure_limit`). A client that owns many addresses (an IPv6 prefix, a
+/// botnet) could otherwise grow the map without end. At the default `30/min`
+/// an entry costs a few hundred bytes, so the table stays within a few MiB.
+pub const MAX_FAILURE_ADDRESSES: usize = 16_384;
+
+/// Failed authentications per client address (SPEC §5): once an address has
+/// `auth_failure_limit` failures in the sliding window, its requests that need
+/// credentials are refused unchecked until the oldest failure leaves the
+/// window. Shared across reloads, like every limiter (SPEC §11).
+///
+/// The table holds at most [`MAX_FAILURE_ADDRESSES`] addresses. When it is
+/// full, addresses whose failures have all left the window go first (they
+/// decide nothing any more); if that frees too little, the addresses whose
+/// latest failure is oldest go next, down to 7/8 of the cap so the sweep is
+/// paid once per many insertions. An evicted address simply starts afresh.
+pub struct AuthFailures {
+    base: OnceLock<Instant>,
+    state: Mutex<Failures>,
+}
+
+struct Failures {
+    /// `None`: `unlimited`, nothing is counted.
+    rate: Option<Rate>,
+    map: HashMap<std::net::IpAddr, Window>,
+}
+
+impl AuthFailures {
+    pub fn new(rate: Option<Rate>) -> AuthFailures {
+        AuthFailures {
+            base: OnceLock::new(),
+            state: Mutex::new(Failures { rate, map: HashMap::new() }),
+        }
+    }
+
+    /// A config reload: the counts carry over when the limit is unchanged and
+    /// start afresh under a new one (as subject rate limits do).
+    pub fn set_rate(&self, rate: Option<Rate>) {
+        let mut state = lock(&self.state);
+        if state.rate != rate {
+            state.rate = rate;
+            state.map = HashMap::new();
+        }
+    }
+
+    fn nanos(&self, now: Instant) -> u64 {
+        let base = *self.base.get_or_init(|| now);
+        u64::try_from(now.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether `addr` may present credentials at `now`; a refusal says when
+    /// the oldest of its failures leaves the window.
+    pub fn check(&self, addr: std::net::IpAddr, now: Instant) -> Result<(), Limited> {
+        let now = self.nanos(now);
+        let state = lock(&self.state);
+        match state.map.get(&addr) {
+            Some(w) => w.admit(now).map_err(|at| Limited {
+                retry_after: Duration::from_nanos(at.saturating_sub(now)),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts one refused credential from `addr` at `now`.
+    pub fn record(&self, addr: std::net::IpAddr, now: Instant) {
+        let now = self.nanos(now);
+        let mut state = lock(&self.state);
+        let Some(rate) = state.rate else { return };
+        if let Some(w) = state.map.get_mut(&addr) {
+            w.record(now);
+            return;
+        }
+        if state.map.len() >= MAX_FAILURE_ADDRESSES {
+            state.evict(now);
+        }
+        let mut w = Window::new(rate);
+        w.record(now);
+        state.map.insert(addr, w);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.state).map.len()
+    }
+}
+
+impl Failures {
+    /// Makes room: idle addresses first, then those whose latest failure is
+    /// oldest, down to 7/8 of the cap.
+    fn evict(&mut self, now: u64) {
+        self.map.retain(|_, w| !w.is_idle(now));
+        let keep = MAX_FAILURE_ADDRESSES / 8 * 7;
+        if self.map.len() > keep {
+            let mut newest: Vec<u64> = self.map.values().map(|w| w.newest).collect();
+            let cut = self.map.len() - keep;
+            // The `cut`-th oldest latest failure: everything at or before it goes.
+            let (_, &mut threshold, _) = newest.select_nth_unstable(cut - 1);
+            let mut left = cut;
+            self.map.retain(|_, w| {
+                if left > 0 && w.newest <= threshold {
+                    left -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -903,5 +1013,92 @@ mod tests {
         assert_eq!(l.used("a", rate, t0 + Duration::from_millis(600)), 2);
         assert_eq!(l.used("a", rate, t0 + Duration::from_millis(1200)), 1);
         assert_eq!(l.used("a", Rate::parse("9/s").unwrap().unwrap(), t0), 0, "another rate");
+    }
+
+    fn ip(n: u32) -> std::net::IpAddr {
+        std::net::IpAddr::from(n.to_be_bytes())
+    }
+
+    #[test]
+    fn failed_authentications_block_an_address_until_one_leaves_the_window() {
+        let t0 = Instant::now();
+        let f = AuthFailures::new(Some(rate("3/min")));
+        let a = ip(1);
+        for i in 0..3 {
+            assert_eq!(f.check(a, t0 + MS * 1000 * i), Ok(()));
+            f.record(a, t0 + MS * 1000 * i);
+        }
+        // Three failures at 0 s, 1 s and 2 s: blocked until the first leaves, at 60 s.
+        let e = f.check(a, t0 + MS * 10_000).unwrap_err();
+        assert_eq!(e.retry_after, MS * 50_000);
+        assert_eq!(e.retry_after_secs(), 50);
+        assert_eq!(f.check(a, t0 + MS * 59_999).unwrap_err().retry_after_secs(), 1);
+        // Other addresses are unaffected.
+        assert_eq!(f.check(ip(2), t0 + MS * 10_000), Ok(()));
+        // One failure left the window: one more try, and a failure blocks again until 61 s.
+        assert_eq!(f.check(a, t0 + MS * 60_000), Ok(()));
+        f.record(a, t0 + MS * 60_000);
+        assert_eq!(f.check(a, t0 + MS * 60_000).unwrap_err().retry_after, MS * 1000);
+    }
+
+    #[test]
+    fn unlimited_counts_nothing_and_a_reload_keeps_or_resets_the_counts() {
+        let t0 = Instant::now();
+        let f = AuthFailures::new(None);
+        for _ in 0..100 {
+            f.record(ip(1), t0);
+        }
+        assert_eq!(f.check(ip(1), t0), Ok(()));
+        assert_eq!(f.len(), 0);
+
+        let two = Rate::parse("2/min").unwrap();
+        f.set_rate(two);
+        f.record(ip(1), t0);
+        f.record(ip(1), t0);
+        assert!(f.check(ip(1), t0).is_err());
+        f.set_rate(two);
+        assert!(f.check(ip(1), t0).is_err(), "same limit: the counts carry over");
+        f.set_rate(Rate::parse("5/min").unwrap());
+        assert_eq!(f.check(ip(1), t0), Ok(()), "new limit: counted afresh");
+        f.set_rate(None);
+        assert_eq!(f.len(), 0);
+    }
+
+    #[test]
+    fn the_failure_table_is_bounded_and_evicts_idle_then_oldest() {
+        let t0 = Instant::now();
+        let f = AuthFailures::new(Some(rate("2/min")));
+        // A blocked address, failing early on.
+        let blocked = ip(u32::MAX);
+        f.record(blocked, t0);
+        f.record(blocked, t0);
+        // Many addresses failing once each, long ago: idle by the time the table fills.
+        for i in 0..MAX_FAILURE_ADDRESSES as u32 / 2 {
+            f.record(ip(i), t0 + MS);
+        }
+        // The rest fail later, inside the window.
+        let later = t0 + MS * 120_000;
+        f.record(blocked, later);
+        f.record(blocked, later);
+        for i in MAX_FAILURE_ADDRESSES as u32 / 2..MAX_FAILURE_ADDRESSES as u32 + 100 {
+            f.record(ip(i), later + MS * i);
+            assert!(f.len() <= MAX_FAILURE_ADDRESSES);
+        }
+        // The idle half went first; the blocked address, still in its window, stayed.
+        assert!(f.check(blocked, later + MS * 30_000).is_err());
+        assert_eq!(f.len(), 1 + MAX_FAILURE_ADDRESSES / 2 + 100);
+
+        // All active: the oldest latest failures go, down to 7/8 of the cap.
+        let g = AuthFailures::new(Some(rate("1/min")));
+        for i in 0..MAX_FAILURE_ADDRESSES as u32 {
+            g.record(ip(i), t0 + MS * i);
+        }
+        assert_eq!(g.len(), MAX_FAILURE_ADDRESSES);
+        g.record(ip(u32::MAX), t0 + MS * 20_000);
+        assert_eq!(g.len(), MAX_FAILURE_ADDRESSES / 8 * 7 + 1);
+        let now = t0 + MS * 20_000;
+        assert_eq!(g.check(ip(0), now), Ok(()), "the oldest was evicted");
+        assert!(g.check(ip(MAX_FAILURE_ADDRESSES as u32 - 1), now).is_err(), "the newest stays");
+        assert!(g.check(ip(u32::MAX), now).is_err());
     }
 }

@@ -1,9 +1,9 @@
 //! Prometheus metrics (SPEC §10), hand-rolled in the text exposition format
-//! 0.0.4. Every labelled family holds at most [`MAX_SERIES`] label sets;
-//! beyond that new values collapse into `other`, so a client cannot grow
-//! memory or scrape size by inventing names.
+//! 0.0.4. Every labelled family holds at most [`MAX_SERIES`] label sets not
+//! counting those with an `other` value; beyond that new values collapse into
+//! `other`, so a client cannot grow memory or scrape size by inventing names.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -46,6 +46,59 @@ struct Families {
     /// (client, model, kind)
     tokens: HashMap<(String, String, &'static str), u64>,
     first_byte: Histogram,
+    /// What bounds `requests` and `tokens`.
+    requests_bound: Bound,
+    tokens_bound: Bound,
+}
+
+/// The label value sets fold into.
+const OTHER: &str = "other";
+
+/// The bound of a family labelled by client and model (SPEC §10): at most
+/// [`MAX_SERIES`] sets whose model is not `other`; a new set beyond that
+/// keeps its client (and its other labels) with `model="other"`, and takes
+/// `client="other"` too once [`MAX_SERIES`] clients have sets. Sets with
+/// `model="other"` are then at most clients × the few values of the other
+/// labels (route templates, statuses, kinds).
+#[derive(Default)]
+struct Bound {
+    /// Sets whose model is not `other`.
+    counted: usize,
+    /// Clients with at least one set (`other` aside).
+    clients: HashSet<String>,
+}
+
+impl Bound {
+    /// The (client, model) labels to record under; `exists` tells whether a
+    /// set with these labels (and the family's other labels) is present.
+    fn labels(
+        &mut self,
+        client: &str,
+        model: &str,
+        exists: impl Fn(&str, &str) -> bool,
+    ) -> (String, String) {
+        if exists(client, model) {
+            return (client.to_owned(), model.to_owned());
+        }
+        if model == OTHER || self.counted < MAX_SERIES {
+            self.counted += usize::from(model != OTHER);
+            self.note(client);
+            return (client.to_owned(), model.to_owned());
+        }
+        let client = if self.clients.contains(client) || self.clients.len() < MAX_SERIES {
+            client
+        } else {
+            OTHER
+        };
+        self.note(client);
+        (client.to_owned(), OTHER.to_owned())
+    }
+
+    fn note(&mut self, client: &str) {
+        if client != OTHER && !self.clients.contains(client) {
+            self.clients.insert(client.to_owned());
+        }
+    }
 }
 
 pub struct Metrics {
@@ -93,15 +146,13 @@ impl Metrics {
         status: u16,
         took: Duration,
     ) {
-        let mut f = self.lock();
+        let f = &mut *self.lock();
         // A full family first loses the model, then the client (SPEC §10).
-        let key = bounded(&f.requests, (client.to_owned(), model.to_owned(), path, status), || {
-            let other_model = (client.to_owned(), "other".to_owned(), path, status);
-            bounded(&f.requests, other_model, || {
-                ("other".to_owned(), "other".to_owned(), path, status)
-            })
+        let requests = &f.requests;
+        let (client, model) = f.requests_bound.labels(client, model, |c, m| {
+            requests.contains_key(&(c.to_owned(), m.to_owned(), path, status))
         });
-        *f.requests.entry(key).or_insert(0) += 1;
+        *f.requests.entry((client, model, path, status)).or_insert(0) += 1;
         f.duration.entry(path).or_default().observe(took.as_secs_f64());
     }
 
@@ -115,13 +166,13 @@ impl Metrics {
 
     /// Adds the tokens of one response (`butler_tokens_total`).
     pub fn tokens(&self, client: &str, model: &str, prompt: u64, completion: u64) {
-        let mut f = self.lock();
+        let f = &mut *self.lock();
         for (kind, n) in [("prompt", prompt), ("completion", completion)] {
-            let key = bounded(&f.tokens, (client.to_owned(), model.to_owned(), kind), || {
-                let other_model = (client.to_owned(), "other".to_owned(), kind);
-                bounded(&f.tokens, other_model, || ("other".to_owned(), "other".to_owned(), kind))
+            let tokens = &f.tokens;
+            let (client, model) = f.tokens_bound.labels(client, model, |c, m| {
+                tokens.contains_key(&(c.to_owned(), m.to_owned(), kind))
             });
-            *f.tokens.entry(key).or_insert(0) += n;
+            *f.tokens.entry((client, model, kind)).or_insert(0) += n;
         }
     }
 
@@ -314,5 +365,62 @@ mod tests {
                 "butler_requests_rejected_total{client=\"other\",reason=\"unauthorized\"} "
             )
         );
+    }
+
+    fn request_sets(text: &str) -> Vec<&str> {
+        text.lines().filter(|l| l.starts_with("butler_requests_total{")).collect()
+    }
+
+    #[test]
+    fn a_full_family_folds_the_model_and_keeps_the_client() {
+        let m = Metrics::new();
+        let ms = Duration::from_millis(1);
+        for i in 0..MAX_SERIES + 100 {
+            m.request("a", &format!("m{i}"), "/api/chat", 200, ms);
+        }
+        // A second client after the family is full keeps its name.
+        m.request("b", "m0", "/api/chat", 200, ms);
+        m.request("b", "m0", "/api/chat", 500, ms);
+        let text = m.render();
+        let sets = request_sets(&text);
+        assert_eq!(sets.len(), MAX_SERIES + 3, "1000 counted sets, then `other` ones");
+        assert!(sets.contains(
+            &"butler_requests_total{client=\"a\",model=\"other\",path=\"/api/chat\",status=\"200\"} 100"
+        ));
+        assert!(sets.contains(
+            &"butler_requests_total{client=\"b\",model=\"other\",path=\"/api/chat\",status=\"200\"} 1"
+        ));
+        assert!(sets.contains(
+            &"butler_requests_total{client=\"b\",model=\"other\",path=\"/api/chat\",status=\"500\"} 1"
+        ));
+        assert!(!text.contains("client=\"other\""), "no client folded yet");
+        // Sets already present keep counting under their own labels.
+        m.request("a", "m5", "/api/chat", 200, ms);
+        assert!(m.render().contains(
+            "butler_requests_total{client=\"a\",model=\"m5\",path=\"/api/chat\",status=\"200\"} 2"
+        ));
+    }
+
+    #[test]
+    fn clients_fold_only_once_a_thousand_have_sets() {
+        let m = Metrics::new();
+        let ms = Duration::from_millis(1);
+        for i in 0..MAX_SERIES {
+            m.request(&format!("c{i}"), "m", "/api/chat", 200, ms);
+        }
+        // Known clients keep their name; a new one beyond 1000 clients is `other`.
+        m.request("c7", "n", "/api/chat", 200, ms);
+        m.request("new", "n", "/api/chat", 200, ms);
+        m.tokens("new", "n", 1, 2);
+        let text = m.render();
+        assert!(text.contains(
+            "butler_requests_total{client=\"c7\",model=\"other\",path=\"/api/chat\",status=\"200\"} 1"
+        ));
+        assert!(text.contains(
+            "butler_requests_total{client=\"other\",model=\"other\",path=\"/api/chat\",status=\"200\"} 1"
+        ));
+        assert_eq!(request_sets(&text).len(), MAX_SERIES + 2);
+        // The token family has its own bound: nothing is full there.
+        assert!(text.contains("butler_tokens_total{client=\"new\",model=\"n\",kind=\"prompt\"} 1"));
     }
 }

@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -14,8 +14,11 @@ use crate::app::App;
 use crate::config::Config;
 use crate::http::{Exchange, Head, Service, TlsConfig};
 
-/// How often the file is checked for changes.
-const POLL: Duration = Duration::from_secs(1);
+/// How often the file's metadata is checked for changes (a `stat`, cheap).
+const POLL: Duration = Duration::from_millis(100);
+/// How long a changed file must stay unchanged before it is read (SPEC §11),
+/// so that a file still being written is not loaded half-way.
+const SETTLE: Duration = Duration::from_millis(250);
 /// How often token-budget counters are written to `state_file`.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -32,9 +35,16 @@ pub struct Live {
 
 struct Loaded {
     digest: [u8; 32],
-    stamp: Option<(SystemTime, u64)>,
+    stamp: Option<Stamp>,
+    /// A stamp that differs from the loaded one, and when it was first seen:
+    /// the file is read once it has stayed so for [`SETTLE`].
+    pending: Option<(Stamp, Instant)>,
     fixed: Fixed,
 }
+
+/// What tells a file changed without reading it: modification time, size and
+/// inode (an editor's or a deploy tool's rename gives a new one).
+type Stamp = (SystemTime, u64, u64);
 
 /// Settings bound at startup (the socket, the thread pool, the intake's
 /// timeouts, the logger): a reload reports their change but cannot apply it.
@@ -80,9 +90,40 @@ impl Fixed {
     }
 }
 
-fn stamp(path: &str) -> Option<(SystemTime, u64)> {
+fn stamp(path: &str) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
+/// The debounce (SPEC §11), as a pure step: given the loaded stamp, the
+/// pending change and the stamp seen `now`, whether the file has settled
+/// (stayed unchanged for [`SETTLE`]) and should be read, and the new pending
+/// change.
+fn settle(
+    loaded: Option<Stamp>,
+    pending: Option<(Stamp, Instant)>,
+    seen: Option<Stamp>,
+    now: Instant,
+) -> (bool, Option<(Stamp, Instant)>) {
+    let Some(seen) = seen else {
+        // Missing for a moment (replaced by a non-atomic tool): wait for it.
+        return (false, None);
+    };
+    if Some(seen) == loaded {
+        return (false, None);
+    }
+    match pending {
+        Some((p, since)) if p == seen => {
+            if now.saturating_duration_since(since) >= SETTLE {
+                (true, None)
+            } else {
+                (false, pending)
+            }
+        }
+        // New, or changed again since last seen: the wait starts over.
+        _ => (false, Some((seen, now))),
+    }
 }
 
 fn digest_of(path: &str) -> Option<[u8; 32]> {
@@ -98,6 +139,7 @@ impl Live {
             loaded: Mutex::new(Loaded {
                 digest: digest_of(path).unwrap_or_default(),
                 stamp: stamp(path),
+                pending: None,
                 fixed: Fixed::of(config),
             }),
         }
@@ -116,6 +158,7 @@ impl Live {
         // a write that lands during the reload leaves a stamp that differs,
         // so the watcher loads it next, instead of recording it as loaded.
         loaded.stamp = stamp(&self.path);
+        loaded.pending = None;
         let result = match std::fs::read_to_string(&self.path) {
             Ok(text) => {
                 loaded.digest = Sha256::digest(text.as_bytes()).into();
@@ -151,16 +194,19 @@ impl Live {
         }
     }
 
-    /// Whether the file's content differs from what was last loaded. The
-    /// cheap stamp (mtime, size) is checked first; content decides, so a
-    /// touch or an editor's rewrite of the same bytes reloads nothing.
-    fn changed_on_disk(&self) -> bool {
+    /// Whether the file's content differs from what was last loaded and
+    /// has stopped changing. The cheap stamp is watched until it has been
+    /// the same for [`SETTLE`]; content then decides, so a touch or an
+    /// editor's rewrite of the same bytes reloads nothing.
+    fn changed_on_disk(&self, now: Instant) -> bool {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        let now = stamp(&self.path);
-        if now.is_none() || now == loaded.stamp {
+        let seen = stamp(&self.path);
+        let (settled, pending) = settle(loaded.stamp, loaded.pending, seen, now);
+        loaded.pending = pending;
+        if !settled {
             return false;
         }
-        loaded.stamp = now;
+        loaded.stamp = seen;
         digest_of(&self.path).is_some_and(|d| d != loaded.digest)
     }
 
@@ -190,7 +236,7 @@ impl Live {
             loop {
                 std::thread::sleep(POLL);
                 let Some(live) = weak.upgrade() else { return };
-                if live.changed_on_disk() {
+                if live.changed_on_disk(Instant::now()) {
                     live.reload("file changed");
                 }
             }
@@ -219,5 +265,46 @@ impl Service for Live {
 
     fn collect_body(&self, head: &Head) -> Option<u64> {
         self.current().collect_body(head)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn at(ms: u64) -> Stamp {
+        (SystemTime::UNIX_EPOCH + MS * ms as u32, ms, 1)
+    }
+
+    #[test]
+    fn a_change_is_read_once_it_has_settled() {
+        let t0 = Instant::now();
+        let loaded = Some(at(0));
+        // Unchanged: nothing pending.
+        assert_eq!(settle(loaded, None, loaded, t0), (false, None));
+        // A change is first seen: the wait starts.
+        let (go, pending) = settle(loaded, None, Some(at(1)), t0);
+        assert!(!go);
+        assert_eq!(pending, Some((at(1), t0)));
+        // Still the same 249 ms later: not yet.
+        assert_eq!(settle(loaded, pending, Some(at(1)), t0 + MS * 249), (false, pending));
+        // Changed again (still being written): the wait starts over.
+        let (go, again) = settle(loaded, pending, Some(at(2)), t0 + MS * 249);
+        assert!(!go);
+        assert_eq!(again, Some((at(2), t0 + MS * 249)));
+        assert!(!settle(loaded, again, Some(at(2)), t0 + MS * 498).0);
+        // Unchanged for 250 ms: read it.
+        assert_eq!(settle(loaded, again, Some(at(2)), t0 + MS * 499), (true, None));
+    }
+
+    #[test]
+    fn a_missing_or_reverted_file_cancels_the_wait() {
+        let t0 = Instant::now();
+        let loaded = Some(at(0));
+        let pending = Some((at(1), t0));
+        assert_eq!(settle(loaded, pending, None, t0 + MS * 300), (false, None));
+        assert_eq!(settle(loaded, pending, loaded, t0 + MS * 300), (false, None));
     }
 }

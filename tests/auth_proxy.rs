@@ -522,25 +522,33 @@ fn expiry_allowed_addresses_and_trusted_proxies() {
     let fake = FakeOllama::start();
     let yaml = format!(
         "listen: \"127.0.0.1:0\"\nupstream: \"{}\"\ntrusted_proxies: [\"127.0.0.1\"]\nclients:\n  \
-         - name: old\n    key: \"sk-expired-1\"\n    expires: 2020-01-01\n    allow_models: [\"*\"]\n  \
-         - name: lan\n    key: \"sk-lan-2\"\n    allow_ips: [\"10.0.0.0/8\"]\n    allow_models: [\"*\"]\n  \
-         - name: later\n    key: \"sk-later-3\"\n    expires: \"2999-01-01T00:00:00Z\"\n    allow_models: [\"*\"]\n",
+         - name: old\n    key: \"sk-expired-1-0f0e0d0c0b\"\n    expires: 2020-01-01\n    allow_models: [\"*\"]\n  \
+         - name: lan\n    key: \"sk-lan-2-1a2b3c4d5e6f\"\n    allow_ips: [\"10.0.0.0/8\"]\n    allow_models: [\"*\"]\n  \
+         - name: later\n    key: \"sk-later-3-6f5e4d3c2b\"\n    expires: \"2999-01-01T00:00:00Z\"\n    allow_models: [\"*\"]\n",
         fake.url()
     );
     let butler = support::Butler::start(&yaml);
     let tags = |headers: &[(&str, &str)]| get(butler.addr(), "/api/tags", headers);
 
-    assert_error(&tags(&[("Authorization", "Bearer sk-expired-1")]), 401, "unauthorized");
-    assert_eq!(tags(&[("Authorization", "Bearer sk-later-3")]).status, 200);
+    assert_error(
+        &tags(&[("Authorization", "Bearer sk-expired-1-0f0e0d0c0b")]),
+        401,
+        "unauthorized",
+    );
+    assert_eq!(tags(&[("Authorization", "Bearer sk-later-3-6f5e4d3c2b")]).status, 200);
 
     // The peer (127.0.0.1) is a trusted proxy: the client is the right-most untrusted hop.
-    assert_error(&tags(&[("Authorization", "Bearer sk-lan-2")]), 403, "forbidden");
-    let spoofed =
-        [("Authorization", "Bearer sk-lan-2"), ("X-Forwarded-For", "10.1.2.3, 192.0.2.9")];
+    assert_error(&tags(&[("Authorization", "Bearer sk-lan-2-1a2b3c4d5e6f")]), 403, "forbidden");
+    let spoofed = [
+        ("Authorization", "Bearer sk-lan-2-1a2b3c4d5e6f"),
+        ("X-Forwarded-For", "10.1.2.3, 192.0.2.9"),
+    ];
     assert_error(&tags(&spoofed), 403, "forbidden");
     let before = fake.request_count();
-    let via_proxy =
-        [("Authorization", "Bearer sk-lan-2"), ("X-Forwarded-For", "192.0.2.9, 10.1.2.3")];
+    let via_proxy = [
+        ("Authorization", "Bearer sk-lan-2-1a2b3c4d5e6f"),
+        ("X-Forwarded-For", "192.0.2.9, 10.1.2.3"),
+    ];
     assert_eq!(tags(&via_proxy).status, 200);
     assert_eq!(fake.request_count(), before + 1);
     let seen = fake.last_request().unwrap();
@@ -558,10 +566,11 @@ fn an_untrusted_forwarded_for_is_ignored() {
     let fake = FakeOllama::start();
     let yaml = config(&fake.url(), "").replace(
         "clients:\n",
-        "clients:\n  - name: lan\n    key: \"sk-lan-9\"\n    allow_ips: [\"10.0.0.0/8\"]\n    allow_models: [\"*\"]\n",
+        "clients:\n  - name: lan\n    key: \"sk-lan-9-9a8b7c6d5e4f\"\n    allow_ips: [\"10.0.0.0/8\"]\n    allow_models: [\"*\"]\n",
     );
     let butler = support::Butler::start(&yaml);
-    let spoofed = [("Authorization", "Bearer sk-lan-9"), ("X-Forwarded-For", "10.1.2.3")];
+    let spoofed =
+        [("Authorization", "Bearer sk-lan-9-9a8b7c6d5e4f"), ("X-Forwarded-For", "10.1.2.3")];
     assert_error(&get(butler.addr(), "/api/tags", &spoofed), 403, "forbidden");
     let r = get(
         butler.addr(),
@@ -639,4 +648,99 @@ fn cors_preflights_and_allowed_origins() {
         b"",
     );
     assert_error(&r, 401, "unauthorized");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failed authentications (SPEC §5 auth_failure_limit)
+// ---------------------------------------------------------------------------------------------
+
+/// The `Retry-After` of a 429, checked to be whole seconds within the window.
+#[track_caller]
+fn retry_after(response: &support::Response, window_secs: u64) -> u64 {
+    let value = response.header("retry-after").expect("Retry-After");
+    let secs: u64 = value.parse().unwrap_or_else(|_| panic!("Retry-After {value:?}"));
+    assert!((1..=window_secs).contains(&secs), "Retry-After {secs}");
+    secs
+}
+
+#[test]
+fn failed_authentications_block_the_client_address() {
+    let fake = FakeOllama::start();
+    // The peer (127.0.0.1) is a trusted proxy, so X-Forwarded-For names the client (SPEC §11).
+    let butler = start(&fake, "auth_failure_limit: 3/min\ntrusted_proxies: [\"127.0.0.1/32\"]\n");
+    let from = |ip: &'static str, auth: Option<(&'static str, String)>| {
+        let mut headers: Vec<(&str, String)> = vec![("X-Forwarded-For", ip.to_owned())];
+        headers.extend(auth);
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        get(butler.addr(), "/api/tags", &headers)
+    };
+    let attacker = "203.0.113.7";
+
+    // Requests without credentials are 401 but do not count.
+    for _ in 0..5 {
+        assert_error(&from(attacker, None), 401, "unauthorized");
+    }
+    // Refused credentials of every source count: a wrong key as Bearer, as x-api-key, as Basic.
+    let wrong = "sk-wrong-guess-0000000000";
+    assert_error(
+        &from(attacker, Some(("Authorization", format!("Bearer {wrong}")))),
+        401,
+        "unauthorized",
+    );
+    assert_error(&from(attacker, Some(("x-api-key", wrong.to_owned()))), 401, "unauthorized");
+    assert_error(&from(attacker, Some(("Authorization", basic("u", wrong)))), 401, "unauthorized");
+
+    // The limit is reached: even the right key is refused, unchecked, with Retry-After.
+    let blocked = from(attacker, Some(("Authorization", bearer())));
+    assert_error(&blocked, 429, "too many failed attempts");
+    retry_after(&blocked, 60);
+    // So is a request without credentials: every request that needs them is.
+    assert_error(&from(attacker, None), 429, "too many failed attempts");
+    assert_eq!(fake.request_count(), 0, "nothing from the blocked address reached Ollama");
+
+    // Another address is unaffected, and public routes stay public.
+    assert_eq!(from("203.0.113.8", Some(("Authorization", bearer()))).status, 200);
+    assert_eq!(fake.request_count(), 1);
+    let health = get(butler.addr(), "/healthz", &[("X-Forwarded-For", attacker)]);
+    assert_eq!(health.status, 200);
+
+    let logged = butler
+        .wait_log(|l| l["msg"] == "too many failed attempts" && l["remote"] == attacker, WAIT)
+        .expect("the refusal is logged");
+    assert_eq!(logged["reason"], "rate_limited");
+    assert_eq!(logged["level"].as_str().map(str::to_ascii_lowercase).as_deref(), Some("warn"));
+    let metrics = get(butler.addr(), "/metrics", &[]).body_str();
+    assert!(
+        metrics.contains("butler_requests_rejected_total{client=\"\",reason=\"rate_limited\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("butler_requests_rejected_total{client=\"\",reason=\"unauthorized\"} 8\n"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn auth_failure_limit_unlimited_never_blocks() {
+    let fake = FakeOllama::start();
+    let butler = start(&fake, "auth_failure_limit: unlimited\n");
+    for _ in 0..40 {
+        let r =
+            get(butler.addr(), "/api/tags", &[("Authorization", "Bearer sk-wrong-guess-00000")]);
+        assert_error(&r, 401, "unauthorized");
+    }
+    assert_eq!(get(butler.addr(), "/api/tags", &[("Authorization", &bearer())]).status, 200);
+}
+
+#[test]
+fn the_default_auth_failure_limit_is_30_per_minute() {
+    let fake = FakeOllama::start();
+    let butler = start(&fake, "");
+    let wrong = [("x-api-key", "sk-wrong-guess-000000000")];
+    for i in 0..30 {
+        assert_eq!(get(butler.addr(), "/api/tags", &wrong).status, 401, "attempt {i}");
+    }
+    let blocked = get(butler.addr(), "/api/tags", &[("Authorization", &bearer())]);
+    assert_error(&blocked, 429, "too many failed attempts");
+    retry_after(&blocked, 60);
 }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use support::setup::{WAIT, assert_error};
 use support::{Butler, FakeOllama, StreamingResponse, TempDir, get, request};
 
-const KEY: &str = "sk-budget-1";
+const KEY: &str = "sk-budget-1-0a1b2c3d4e";
 
 fn config(upstream: &str, extra: &str) -> String {
     format!(
@@ -147,6 +147,41 @@ fn counters_survive_a_restart_through_the_state_file() {
     butler.sigterm();
     assert!(butler.wait_exit(WAIT).is_some_and(|s| s.success()));
     assert!(state.exists(), "the state file is written at shutdown");
+
+    let again = Butler::start_in(&dir, &yaml, &[], &[]);
+    assert_eq!(usage(&again)["tokens"]["day"]["used"], 8);
+}
+
+/// SPEC §9: the state file is replaced through a new temporary file in its directory, created
+/// exclusively: a symlink planted at a predictable temporary name is never followed.
+#[test]
+fn the_state_file_is_never_written_through_a_planted_symlink() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let fake = FakeOllama::start();
+    let dir = TempDir::new();
+    let state = dir.path().join("state.json");
+    let victim = dir.write("victim.txt", "precious\n");
+    std::os::unix::fs::symlink(&victim, dir.path().join("state.json.tmp")).unwrap();
+    let yaml = config(&fake.url(), &format!("state_file: \"{}\"\n", state.display()));
+    let butler = Butler::start_in(&dir, &yaml, &[], &[]);
+    assert_eq!(chat(&butler).status, 200);
+    butler.sigterm();
+    assert!(butler.wait_exit(WAIT).is_some_and(|s| s.success()), "{}", butler.output());
+
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n", "the link was followed");
+    let meta = std::fs::symlink_metadata(&state).expect("the state file exists");
+    assert!(meta.file_type().is_file(), "the state file is a regular file: {meta:?}");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let saved: Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(saved["version"], 1);
+    // No temporary file is left behind.
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["butler.yaml", "state.json", "state.json.tmp", "victim.txt"]);
 
     let again = Butler::start_in(&dir, &yaml, &[], &[]);
     assert_eq!(usage(&again)["tokens"]["day"]["used"], 8);

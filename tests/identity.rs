@@ -469,6 +469,41 @@ fn login_throttling_survives_a_reload() {
     assert_error(&login(butler.addr(), "alice", ALICE_PW), 429, "rate limit exceeded");
 }
 
+/// Failed logins, wrong Basic passwords and bad tokens all count against the client address
+/// (SPEC §5 `auth_failure_limit`); once it is reached, `/auth/login` is refused unchecked too.
+#[test]
+fn failed_logins_and_tokens_count_toward_the_auth_failure_limit() {
+    let fake = FakeOllama::start();
+    let yaml = format!(
+        "auth_failure_limit: 3/min\n{}",
+        config(&fake.url(), "either", "", &alice_and_bob(), true)
+    );
+    let butler = Butler::start(&yaml);
+    let addr = butler.addr();
+    assert_error(&login(addr, "alice", "guess"), 401, "invalid credentials");
+    assert_error(&tags(addr, &basic("alice", "guess")), 401, "unauthorized");
+    let forged = forge(&hs256(), &claims("alice"), b"not-the-secret-not-the-secret-00");
+    assert_error(&tags(addr, &bearer(&forged)), 401, "unauthorized");
+
+    // Three failures from 127.0.0.1: the right password is not even checked.
+    let refused = login(addr, "alice", ALICE_PW);
+    assert_error(&refused, 429, "too many failed attempts");
+    let retry: u64 = refused.header("retry-after").expect("Retry-After").parse().expect("seconds");
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert_error(&tags(addr, &format!("Bearer {KEY}")), 429, "too many failed attempts");
+    assert_error(&tags(addr, &basic("bob", BOB_PW)), 429, "too many failed attempts");
+
+    // Another address logs in and is served.
+    let (status, _, body) = post_from(
+        Ipv4Addr::new(127, 0, 0, 2),
+        addr,
+        "/auth/login",
+        &json!({"username": "alice", "password": ALICE_PW}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fake.request_count(), 0);
+}
+
 #[test]
 fn unknown_user_and_wrong_password_cost_the_same_bcrypt() {
     let fake = FakeOllama::start();

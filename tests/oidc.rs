@@ -51,7 +51,8 @@ struct Proxy {
 
 /// The YAML for a butler in `mode` in front of `fake`, trusting `idp` through `ca_file`.
 /// `auth_extra` goes under `auth.oidc` (e.g. `refresh_interval: 1s`); with `clients`, client
-/// `c1` ([`CLIENT_KEY`], every model) exists.
+/// `c1` ([`CLIENT_KEY`], every model) exists. These tests send many refused tokens from one
+/// address, so `auth_failure_limit` (SPEC §5, tested in auth_proxy.rs) is off.
 fn config(
     fake: &FakeOllama,
     idp: &TestIdp,
@@ -62,7 +63,8 @@ fn config(
     clients: bool,
 ) -> String {
     let mut yaml = format!(
-        "listen: \"127.0.0.1:0\"\nupstream: \"{}\"\nauth:\n  mode: {mode}\n  oidc:\n    \
+        "listen: \"127.0.0.1:0\"\nauth_failure_limit: unlimited\nupstream: \"{}\"\n\
+         auth:\n  mode: {mode}\n  oidc:\n    \
          issuer: \"{}\"\n    client_id: butler\n    role_claim_path: \"{role_claim_path}\"\n    \
          ca_file: \"{}\"\n{oidc_extra}{ROLE_POLICIES}",
         fake.url(),

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use support::setup::{KEY, KEY2, WAIT, assert_error, bearer, start};
 use support::{
     Behavior, Butler, Event, FakeOllama, RawConn, StreamEnd, StreamingResponse, TempDir, get,
-    run_cli, run_cli_in, try_request,
+    request, run_cli, run_cli_in, try_request,
 };
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -371,16 +371,9 @@ fn metrics_are_valid_prometheus_text_and_count_exactly() {
     }
     assert!(text.contains("# TYPE butler_request_duration_seconds histogram\n"));
 
-    // The scrape itself is counted, after it was rendered.
+    // Scrapes are not traffic: the first one is not counted (SPEC §10).
     let again = validate_exposition(&get("/metrics", &[]).body_str());
-    assert_eq!(
-        metric(
-            &again,
-            requests,
-            &[("client", ""), ("model", ""), ("path", "/metrics"), ("status", "200")]
-        ),
-        Some(1.0)
-    );
+    assert!(again.iter().all(|s| s.label("path") != Some("/metrics")), "{again:?}");
     assert_eq!(
         metric(
             &again,
@@ -389,6 +382,129 @@ fn metrics_are_valid_prometheus_text_and_count_exactly() {
         ),
         Some(3.0)
     );
+}
+
+/// SPEC §10: health probes and scrapes are not counted in `butler_requests_total` or the
+/// duration histogram, whatever their answer.
+#[test]
+fn probes_and_scrapes_are_not_counted() {
+    let fake = FakeOllama::start();
+    let butler = start(&fake, "metrics: { token: \"metrics-token-0123456789\" }\n");
+    let scrape = [("Authorization", "Bearer metrics-token-0123456789")];
+    for _ in 0..3 {
+        assert_eq!(get(butler.addr(), "/healthz", &[]).status, 200);
+        assert_eq!(get(butler.addr(), "/readyz", &[]).status, 200);
+        assert_eq!(get(butler.addr(), "/metrics", &scrape).status, 200);
+        assert_eq!(get(butler.addr(), "/metrics", &[]).status, 401);
+        assert_eq!(request(butler.addr(), "POST", "/healthz", &[], b"").status, 405);
+    }
+    // On one keep-alive connection, so the scrape sees the request counted (it is counted after
+    // its answer, before the next request on the same connection is read).
+    let mut conn = RawConn::connect(butler.addr());
+    let tags = conn.roundtrip("GET", "/api/tags", &[("Authorization", &bearer())], b"");
+    assert_eq!(tags.status, 200);
+    let text = conn.roundtrip("GET", "/metrics", &scrape, b"").body_str();
+    let samples = validate_exposition(&text);
+    for public in ["/healthz", "/readyz", "/metrics"] {
+        let counted: Vec<&Sample> =
+            samples.iter().filter(|s| s.label("path") == Some(public)).collect();
+        assert!(counted.is_empty(), "{public} is counted: {counted:?}");
+    }
+    assert_eq!(
+        metric(
+            &samples,
+            "butler_requests_total",
+            &[("client", "c1"), ("model", ""), ("path", "/api/tags"), ("status", "200")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&samples, "butler_request_duration_seconds_count", &[("path", "/api/tags")]),
+        Some(1.0)
+    );
+    // The refused scrapes are rejections all the same.
+    assert_eq!(
+        metric(
+            &samples,
+            "butler_requests_rejected_total",
+            &[("client", ""), ("reason", "unauthorized")]
+        ),
+        Some(3.0)
+    );
+}
+
+/// SPEC §10: the metrics token is a Bearer token only — not a Basic password, not x-api-key;
+/// a refused token is counted as `unauthorized`.
+#[test]
+fn the_metrics_token_is_bearer_only() {
+    let fake = FakeOllama::start();
+    let token = "metrics-token-0123456789";
+    let butler = start(&fake, &format!("metrics: {{ token: \"{token}\" }}\n"));
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("prometheus:{token}"));
+    let refused: [(&str, String); 5] = [
+        ("Authorization", format!("Basic {basic}")),
+        ("x-api-key", token.to_owned()),
+        ("Authorization", format!("Token {token}")),
+        ("Authorization", "Bearer wrong-metrics-token-000".to_owned()),
+        ("Authorization", token.to_owned()),
+    ];
+    for (name, value) in &refused {
+        let r = get(butler.addr(), "/metrics", &[(name, value)]);
+        assert_error(&r, 401, "unauthorized");
+        assert!(!r.body_str().contains("butler_"), "{name}: {value}");
+    }
+    let ok = get(butler.addr(), "/metrics", &[("Authorization", &format!("bearer {token}"))]);
+    assert_eq!(ok.status, 200);
+    let samples = validate_exposition(&ok.body_str());
+    assert_eq!(
+        metric(
+            &samples,
+            "butler_requests_rejected_total",
+            &[("client", ""), ("reason", "unauthorized")]
+        ),
+        Some(5.0)
+    );
+}
+
+/// SPEC §10: a family keeps at most 1000 label sets without an `other` value; beyond that a new
+/// set keeps its client (and path and status) with `model="other"`, and the client folds into
+/// `other` only once 1000 clients have sets.
+#[test]
+fn the_label_bound_folds_models_before_clients() {
+    let fake = FakeOllama::start();
+    let butler = start(&fake, "");
+    // One keep-alive connection: butler counts a request after answering it, but before it
+    // reads the next request on the same connection, so the scrape sees every earlier one.
+    let mut conn = RawConn::connect(butler.addr());
+    let mut show = |key: &str, model: &str| {
+        let body = format!("{{\"model\":\"{model}\"}}");
+        let auth = format!("Bearer {key}");
+        let r = conn.roundtrip("POST", "/api/show", &[("Authorization", &auth)], body.as_bytes());
+        assert_eq!(r.status, 200, "{model}: {}", r.body_str());
+    };
+    for i in 0..1100 {
+        show(KEY, &format!("m{i}"));
+    }
+    show(KEY2, "m0");
+    show(KEY2, "llama3.2");
+    let text = conn.roundtrip("GET", "/metrics", &[], b"").body_str();
+    let samples = validate_exposition(&text);
+    let sets: Vec<&Sample> = samples.iter().filter(|s| s.name == "butler_requests_total").collect();
+    let counted = sets.iter().filter(|s| s.label("model") != Some("other")).count();
+    assert_eq!(counted, 1000, "label sets without an `other` value");
+    assert_eq!(sets.len(), 1002, "{sets:?}");
+    let show_count = |client: &str, model: &str| {
+        metric(
+            &samples,
+            "butler_requests_total",
+            &[("client", client), ("model", model), ("path", "/api/show"), ("status", "200")],
+        )
+    };
+    assert_eq!(show_count("c1", "m0:latest"), Some(1.0));
+    assert_eq!(show_count("c1", "other"), Some(100.0));
+    // The second client keeps its name: far fewer than 1000 clients have sets.
+    assert_eq!(show_count("c2", "other"), Some(2.0));
+    assert!(sets.iter().all(|s| s.label("client") != Some("other")), "{sets:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -489,7 +605,8 @@ fn check_accepts_a_valid_config_and_summarises_it() {
         "ok.yaml",
         &format!(
             "listen: \"127.0.0.1:8181\"\nupstream: \"http://127.0.0.1:11434/ollama\"\n\
-             clients:\n  - {{name: a, key: k1}}\n  - {{name: b, key_sha256: \"{}\"}}\n",
+             clients:\n  - {{name: a, key: sk-check-key-a-0123456789}}\n  \
+             - {{name: b, key_sha256: \"{}\"}}\n",
             sha256_hex(b"k2")
         ),
     );
@@ -515,7 +632,7 @@ fn check_names_an_unknown_field_with_its_path() {
     let dir = TempDir::new();
     let path = dir.write(
         "bad.yaml",
-        "upstream: \"http://127.0.0.1:11434\"\nclients:\n  - {name: a, key: k1, deny_model: x}\n",
+        "upstream: \"http://127.0.0.1:11434\"\nclients:\n  - {name: a, key: sk-check-key-a-0123456789, deny_model: x}\n",
     );
     let (code, stdout, stderr) = run_cli(&["check", "--config", path.to_str().unwrap()], &[], None);
     assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
@@ -528,7 +645,7 @@ fn check_reports_every_error_at_once() {
     let path = dir.write(
         "bad.yaml",
         "upstream: \"ftp://x\"\nbogus: 1\nworkers: 0\ntimeouts: {idle: 5 minutes}\n\
-         clients:\n  - {name: a, key: \"${NOPE}\"}\n  - {name: b, key: k2, deny_model: x}\n",
+         clients:\n  - {name: a, key: \"${NOPE}\"}\n  - {name: b, key: sk-check-key-b-0123456789, deny_model: x}\n",
     );
     let (code, _, stderr) = run_cli(&["check", "--config", path.to_str().unwrap()], &[], None);
     assert_eq!(code, 1, "{stderr}");
@@ -542,6 +659,106 @@ fn check_reports_every_error_at_once() {
     ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }
+}
+
+/// SPEC §4: a plaintext key shorter than 20 characters can be guessed online; `butler check`
+/// refuses it without echoing it, and butler does not start with it.
+#[test]
+fn check_refuses_a_short_plaintext_key() {
+    let dir = TempDir::new();
+    let path = dir.write(
+        "short.yaml",
+        "upstream: \"http://127.0.0.1:11434\"\nclients:\n  - {name: a, key: \"sk-19-characters-xx\"}\n",
+    );
+    let (code, stdout, stderr) = run_cli(&["check", "--config", path.to_str().unwrap()], &[], None);
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stderr.contains(
+            "clients[0].key: must be at least 20 characters (generate one with `butler gen-key`)"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("sk-19-characters-xx"), "the key was echoed: {stderr}");
+    let (code, _, stderr) = run_cli(&["--config", path.to_str().unwrap()], &[], None);
+    assert_eq!(code, 1, "{stderr}");
+    // Twenty characters are enough.
+    let path = dir.write(
+        "ok.yaml",
+        "upstream: \"http://127.0.0.1:11434\"\nclients:\n  - {name: a, key: \"sk-20-characters-xyz\"}\n",
+    );
+    let (code, _, stderr) = run_cli(&["check", "--config", path.to_str().unwrap()], &[], None);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+/// SPEC §4: an error about two entries names the later one and the earlier one, and an entry
+/// with an invalid field still takes part in the cross-checks, so every error shows at once.
+#[test]
+fn check_names_both_entries_of_a_duplicate() {
+    let dir = TempDir::new();
+    let key = "sk-the-same-key-in-two-entries";
+    let path = dir.write(
+        "dups.yaml",
+        &format!(
+            "upstream: \"http://127.0.0.1:11434\"\nauth: {{mode: either}}\nclients:\n  \
+             - {{name: a, key: \"{key}\"}}\n  \
+             - {{name: a, key: \"sk-another-key-0123456789\"}}\n  \
+             - {{name: b, key: \"{key}\"}}\n  \
+             - {{name: c, key_sha256: \"{}\"}}\n\
+             users:\n  - {{name: u, password_hash: \"not-a-bcrypt-hash\"}}\n  \
+             - {{name: u, password_hash: \"also-not-one\"}}\n",
+            sha256_hex(key.as_bytes())
+        ),
+    );
+    let (code, _, stderr) = run_cli(&["check", "--config", path.to_str().unwrap()], &[], None);
+    assert_eq!(code, 1, "{stderr}");
+    for line in [
+        "clients[1].name: duplicate client name \"a\" (clients[0])",
+        "clients[2].key: same key as clients[0]",
+        "clients[3].key_sha256: same key as clients[0]",
+        "users[1].name: duplicate user name \"u\" (users[0])",
+        // The users' hashes are malformed, and they still need a secret to sign tokens.
+        "auth.jwt_secret: required when users log in (at least 32 bytes)",
+    ] {
+        assert!(stderr.lines().any(|l| l.trim() == line), "missing {line:?} in:\n{stderr}");
+    }
+    assert!(stderr.contains("users[0].password_hash: "), "{stderr}");
+    assert!(stderr.contains("users[1].password_hash: "), "{stderr}");
+}
+
+/// SPEC §4: `max_keep_alive` takes a number of seconds (`600` = `10m`; `0` allows only 0) or a
+/// duration, and the refusal repeats the limit as configured.
+#[test]
+fn max_keep_alive_takes_a_number_of_seconds() {
+    let fake = FakeOllama::start();
+    let yaml = |cap: &str| {
+        format!(
+            "listen: \"127.0.0.1:0\"\nupstream: \"{}\"\nclients:\n  - name: c1\n    key: \"{KEY}\"\n    \
+             allow_models: [\"*\"]\n    max_keep_alive: {cap}\n",
+            fake.url()
+        )
+    };
+    let butler = Butler::start(&yaml("600"));
+    let generate = |butler: &Butler, keep_alive: &str| {
+        let body = format!(r#"{{"model":"llama3.2","prompt":"hi","keep_alive":{keep_alive}}}"#);
+        request(
+            butler.addr(),
+            "POST",
+            "/api/generate",
+            &[("Authorization", &bearer())],
+            body.as_bytes(),
+        )
+    };
+    for within in ["600", "\"10m\"", "0", "\"599s\""] {
+        assert_eq!(generate(&butler, within).status, 200, "{within}");
+    }
+    for beyond in ["601", "\"11m\"", "-1", "\"1h\""] {
+        assert_error(&generate(&butler, beyond), 400, "keep_alive exceeds limit of 600");
+    }
+    let butler = Butler::start(&yaml("0"));
+    assert_eq!(generate(&butler, "0").status, 200);
+    assert_error(&generate(&butler, "1"), 400, "keep_alive exceeds limit of 0");
+    assert_error(&generate(&butler, "\"5m\""), 400, "keep_alive exceeds limit of 0");
+    assert_eq!(fake.requests_to("/api/generate").len(), 5);
 }
 
 #[test]
@@ -567,23 +784,31 @@ fn interpolation_leaves_dollars_alone_and_expands_references() {
     let yaml = format!(
         "listen: \"127.0.0.1:0\"\nupstream: \"${{UPSTREAM_FOR_TEST}}\"\nclients:\n  \
          - name: dollars\n    key: \"{bcrypt_like}\"\n  \
-         - name: escaped\n    key: \"$${{LITERAL}}\"\n  \
-         - name: defaulted\n    key: \"${{UNSET_FOR_TEST:-sk-default}}\"\n  \
+         - name: escaped\n    key: \"$${{LITERAL_NOT_EXPANDED}}\"\n  \
+         - name: defaulted\n    key: \"${{UNSET_FOR_TEST:-sk-default-from-the-yaml}}\"\n  \
          - name: fromenv\n    key: \"pre-${{KEY_FOR_TEST}}-post\"\n"
     );
     let upstream = fake.url();
     let butler = Butler::start_with(
         &yaml,
         &[],
-        &[("UPSTREAM_FOR_TEST", &upstream), ("KEY_FOR_TEST", "middle")],
+        &[("UPSTREAM_FOR_TEST", &upstream), ("KEY_FOR_TEST", "a-longer-middle-part")],
     );
-    for key in [bcrypt_like, "${LITERAL}", "sk-default", "pre-middle-post"] {
+    for key in [
+        bcrypt_like,
+        "${LITERAL_NOT_EXPANDED}",
+        "sk-default-from-the-yaml",
+        "pre-a-longer-middle-part-post",
+    ] {
         let r = get(butler.addr(), "/api/tags", &[("Authorization", &format!("Bearer {key}"))]);
         assert_eq!(r.status, 200, "key {key:?}");
     }
-    for not_a_key in
-        ["$2b$10$", "$${LITERAL}", "${UNSET_FOR_TEST:-sk-default}", "pre-${KEY_FOR_TEST}-post"]
-    {
+    for not_a_key in [
+        "$2b$10$",
+        "$${LITERAL_NOT_EXPANDED}",
+        "${UNSET_FOR_TEST:-sk-default-from-the-yaml}",
+        "pre-${KEY_FOR_TEST}-post",
+    ] {
         let r =
             get(butler.addr(), "/api/tags", &[("Authorization", &format!("Bearer {not_a_key}"))]);
         assert_eq!(r.status, 401, "{not_a_key:?}");

@@ -1713,9 +1713,9 @@ fn concurrency_limits_count_requests_in_flight() {
     });
     let yaml = format!(
         "listen: \"127.0.0.1:0\"\nupstream: \"{}\"\nglobal_max_concurrent: 2\nclients:\n  \
-         - name: one\n    key: \"sk-conc-one-1\"\n    allow_models: [\"*\"]\n    max_concurrent: 1\n  \
-         - name: two\n    key: \"sk-conc-two-2\"\n    allow_models: [\"*\"]\n  \
-         - name: three\n    key: \"sk-conc-three-3\"\n    allow_models: [\"*\"]\n",
+         - name: one\n    key: \"sk-conc-one-1-aaaa1111\"\n    allow_models: [\"*\"]\n    max_concurrent: 1\n  \
+         - name: two\n    key: \"sk-conc-two-2-bbbb2222\"\n    allow_models: [\"*\"]\n  \
+         - name: three\n    key: \"sk-conc-three-3-cccc3333\"\n    allow_models: [\"*\"]\n",
         fake.url()
     );
     let butler = Butler::start(&yaml);
@@ -1736,11 +1736,11 @@ fn concurrency_limits_count_requests_in_flight() {
     };
 
     // One stream of `one` is in flight (its head is here, its tokens are not).
-    let mut first = open("sk-conc-one-1");
+    let mut first = open("sk-conc-one-1-aaaa1111");
     assert_eq!(first.status, 200);
-    assert_error(&post("sk-conc-one-1"), 429, "too many concurrent requests");
+    assert_error(&post("sk-conc-one-1-aaaa1111"), 429, "too many concurrent requests");
     // A listing is a request too.
-    let auth = "Bearer sk-conc-one-1";
+    let auth = "Bearer sk-conc-one-1-aaaa1111";
     assert_error(
         &get(butler.addr(), "/api/tags", &[("Authorization", auth)]),
         429,
@@ -1748,10 +1748,10 @@ fn concurrency_limits_count_requests_in_flight() {
     );
 
     // `two` fills the second global inference slot; `three` finds none, but may still list.
-    let mut second = open("sk-conc-two-2");
+    let mut second = open("sk-conc-two-2-bbbb2222");
     assert_eq!(second.status, 200);
-    assert_error(&post("sk-conc-three-3"), 503, "server busy");
-    let auth3 = "Bearer sk-conc-three-3";
+    assert_error(&post("sk-conc-three-3-cccc3333"), 503, "server busy");
+    let auth3 = "Bearer sk-conc-three-3-cccc3333";
     assert_eq!(get(butler.addr(), "/api/tags", &[("Authorization", auth3)]).status, 200);
     assert_eq!(fake.requests_to("/api/chat").len(), 2, "refusals never reached the upstream");
 
@@ -1764,15 +1764,15 @@ fn concurrency_limits_count_requests_in_flight() {
         };
         butler.wait_log(done, WAIT).unwrap_or_else(|| panic!("{client}'s stream never ended"));
     }
-    assert_eq!(post("sk-conc-one-1").status, 200);
-    assert_eq!(post("sk-conc-three-3").status, 200);
+    assert_eq!(post("sk-conc-one-1-aaaa1111").status, 200);
+    assert_eq!(post("sk-conc-three-3-cccc3333").status, 200);
 }
 
 #[test]
 fn keep_alive_is_capped() {
     let fake = FakeOllama::start();
     let yaml = format!(
-        "listen: \"127.0.0.1:0\"\nupstream: \"{}\"\nclients:\n  - name: c\n    key: \"sk-ka-1\"\n    \
+        "listen: \"127.0.0.1:0\"\nupstream: \"{}\"\nclients:\n  - name: c\n    key: \"sk-ka-1-dddd4444eeee5555\"\n    \
          allow_models: [\"*\"]\n    max_keep_alive: 10m\n",
         fake.url()
     );
@@ -1783,7 +1783,7 @@ fn keep_alive_is_capped() {
             butler.addr(),
             "POST",
             "/api/generate",
-            &[("Authorization", "Bearer sk-ka-1")],
+            &[("Authorization", "Bearer sk-ka-1-dddd4444eeee5555")],
             body.as_bytes(),
         )
     };

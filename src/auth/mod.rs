@@ -356,13 +356,12 @@ fn credentials(head: &Head) -> Result<Vec<Credential>, Failure> {
     if creds.is_empty() { Err(Failure::Missing) } else { Ok(creds) }
 }
 
-/// The secret of an `Authorization` value: the bearer token, or the Basic
-/// password (used for the metrics token).
-pub fn authorization_key(value: &str) -> Result<String, Failure> {
-    match authorization(value)? {
-        Credential::Bearer(t) => Ok(t),
-        Credential::Basic { password, .. } => Ok(password),
-        Credential::ApiKey(k) => Ok(k),
+/// The token of an `Authorization: Bearer` value; `None` for any other
+/// scheme (the metrics token is Bearer only, SPEC §10).
+pub fn bearer_token(value: &str) -> Option<String> {
+    match authorization(value).ok()? {
+        Credential::Bearer(t) => Some(t),
+        Credential::Basic { .. } | Credential::ApiKey(_) => None,
     }
 }
 
@@ -467,5 +466,16 @@ mod tests {
         assert_eq!(who("Authorization: Bearer sk-a\r\nx-api-key: sk-b\r\n"), Err(Failure::Invalid));
         assert_eq!(who("Authorization: Bearer sk-a\r\nx-api-key: nope\r\n"), Err(Failure::Invalid));
         assert_eq!(who("Cookie: key=sk-a\r\n"), Err(Failure::Missing));
+    }
+
+    #[test]
+    fn the_metrics_token_is_read_from_bearer_only() {
+        assert_eq!(bearer_token("Bearer tok-1"), Some("tok-1".to_owned()));
+        assert_eq!(bearer_token("bEaReR  tok-1 "), Some("tok-1".to_owned()));
+        // "dXNlcjp0b2stMQ==" is base64("user:tok-1").
+        assert_eq!(bearer_token("Basic dXNlcjp0b2stMQ=="), None);
+        assert_eq!(bearer_token("tok-1"), None);
+        assert_eq!(bearer_token("Token tok-1"), None);
+        assert_eq!(bearer_token("Bearer "), None);
     }
 }

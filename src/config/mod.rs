@@ -27,6 +27,11 @@ const DEFAULT_WORKERS: u64 = 128;
 const DEFAULT_MAX_CONNECTIONS_PER_IP: u64 = 256;
 /// More threads than this is a typo, not a deployment.
 const MAX_WORKERS: u64 = 4096;
+/// `auth_failure_limit` when the config says nothing (SPEC §4).
+pub const DEFAULT_AUTH_FAILURE_LIMIT: Rate = Rate { count: 30, window: Duration::from_secs(60) };
+/// Fewest characters in a plaintext client `key`: shorter keys can be
+/// guessed online (SPEC §4). `butler gen-key` makes 46.
+pub const MIN_KEY_CHARS: usize = 20;
 
 /// A validated configuration. Only fields that butler enforces exist here: a
 /// field that is accepted but ignored would be a silent security hole.
@@ -42,6 +47,9 @@ pub struct Config {
     pub metrics_token: Option<String>,
     /// Requests per window across every subject.
     pub global_rate_limit: Option<Rate>,
+    /// Failed authentications per client address before its requests are
+    /// refused unchecked (SPEC §5); `None` is `unlimited`.
+    pub auth_failure_limit: Option<Rate>,
     /// Inference requests in flight upstream at once, across every subject.
     pub global_max_concurrent: Option<u64>,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -319,6 +327,14 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         })
     });
 
+    let auth_failure_limit = match root.string("auth_failure_limit", env, errs) {
+        Some(r) => Rate::parse(&r).unwrap_or_else(|e| {
+            errs.push("auth_failure_limit", e);
+            None
+        }),
+        None => Some(DEFAULT_AUTH_FAILURE_LIMIT),
+    };
+
     let trusted_proxies = read_cidrs(&mut root, "trusted_proxies", env, errs);
     let max_connections_per_ip = match root.uint("max_connections_per_ip", env, errs) {
         // Zero would refuse every client: surely a mistake, not a policy.
@@ -352,20 +368,22 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
     }
 
     let mut clients = Vec::new();
+    let mut client_entries = Vec::new();
     root.list("clients", errs, |item, path, errs| {
-        if let Some(c) = read_client(item, &path, env, errs) {
-            clients.push(c);
-        }
+        let (client, seen) = read_client(item, &path, env, errs);
+        clients.extend(client);
+        client_entries.push(seen);
     });
     let auth = match root.get("auth") {
         Some(v) => read_auth(v, env, errs),
         None => Auth::default(),
     };
     let mut users = Vec::new();
+    let mut user_names = Vec::new();
     root.list("users", errs, |item, path, errs| {
-        if let Some(u) = read_user(item, &path, env, errs) {
-            users.push(u);
-        }
+        let (user, name) = read_user(item, &path, env, errs);
+        users.extend(user);
+        user_names.push(name);
     });
     let mut role_policies = Vec::new();
     if let Some(v) = root.get("role_policies") {
@@ -386,37 +404,21 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
             _ => errs.push("role_policies", "expected a mapping of role name to policy"),
         }
     }
-    check_auth_mode(&auth, &clients, &users, &role_policies, errs);
+    // Entries with an invalid field take part too, so every error shows at once.
+    check_auth_mode(&auth, client_entries.len(), user_names.len(), &role_policies, errs);
     let client_errors = errs.list.iter().any(|e| e.starts_with("clients"));
-    if auth.mode == AuthMode::ApiKey && clients.is_empty() && !client_errors {
+    if auth.mode == AuthMode::ApiKey && client_entries.is_empty() && !client_errors {
         errs.push("clients", "at least one client is required in api_key mode");
     }
     if auth.mode == AuthMode::Either
-        && clients.is_empty()
-        && users.is_empty()
+        && client_entries.is_empty()
+        && user_names.is_empty()
         && auth.oidc.is_none()
         && !client_errors
     {
         errs.push("auth.mode", "either mode needs clients, users or auth.oidc");
     }
-    for (i, u) in users.iter().enumerate() {
-        if users[..i].iter().any(|o| o.name == u.name) {
-            errs.push("users", format!("duplicate user name \"{}\"", u.name));
-        }
-    }
-    for (i, c) in clients.iter().enumerate() {
-        for other in &clients[..i] {
-            if other.name == c.name {
-                errs.push("clients", format!("duplicate client name \"{}\"", c.name));
-            }
-            if other.key_sha256 == c.key_sha256 {
-                errs.push(
-                    "clients",
-                    format!("clients \"{}\" and \"{}\" have the same key", other.name, c.name),
-                );
-            }
-        }
-    }
+    check_duplicates(&client_entries, &user_names, errs);
     root.finish(errs);
 
     Config {
@@ -428,6 +430,7 @@ fn read_root(value: &Value, env: Env, errs: &mut Errors) -> Config {
         timeouts,
         metrics_token,
         global_rate_limit,
+        auth_failure_limit,
         global_max_concurrent,
         trusted_proxies,
         max_connections_per_ip,
@@ -469,7 +472,22 @@ fn read_timeouts(value: &Value, env: Env, errs: &mut Errors) -> Timeouts {
     t
 }
 
-fn read_client(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option<Client> {
+/// What the cross-checks of SPEC §4 need from one `clients` entry. It is
+/// kept even when another field of the entry is invalid, so that a duplicate
+/// is reported along with that error.
+#[derive(Debug, Default)]
+struct ClientEntry {
+    name: Option<String>,
+    /// The key's digest and the field it came from (`key` or `key_sha256`).
+    key: Option<([u8; 32], &'static str)>,
+}
+
+fn read_client(
+    value: &Value,
+    path: &str,
+    env: Env,
+    errs: &mut Errors,
+) -> (Option<Client>, ClientEntry) {
     let mut obj = Obj::new(value, path, errs);
     let name = obj.string("name", env, errs);
     let key = obj.get("key").map(|v| (v, obj.field_path("key")));
@@ -496,6 +514,7 @@ fn read_client(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option
             None
         }
     };
+    let mut valid_key = true;
     let key_sha256 = match (key, digest) {
         (Some(_), Some(_)) => {
             errs.push(path, "set either key or key_sha256, not both");
@@ -506,12 +525,25 @@ fn read_client(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option
                 errs.push(&p, "must not be empty");
                 None
             }
-            Some(k) => Some(sha256(k.as_bytes())),
+            Some(k) => {
+                // Still digested: a short key that repeats another is reported too.
+                if k.chars().count() < MIN_KEY_CHARS {
+                    errs.push(
+                        &p,
+                        format!(
+                            "must be at least {MIN_KEY_CHARS} characters \
+                             (generate one with `butler gen-key`)"
+                        ),
+                    );
+                    valid_key = false;
+                }
+                Some((sha256(k.as_bytes()), "key"))
+            }
             None => None,
         },
         (None, Some((v, p))) => {
             string_value(v, &p, env, errs).and_then(|h| match parse_hex32(&h) {
-                Some(d) => Some(d),
+                Some(d) => Some((d, "key_sha256")),
                 None => {
                     errs.push(&p, "must be 64 hexadecimal characters (a SHA-256 digest)");
                     None
@@ -523,13 +555,45 @@ fn read_client(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option
             None
         }
     };
-    Some(Client {
-        name: name?,
-        key_sha256: key_sha256?,
-        expires,
-        allow_ips,
-        policy: Arc::new(policy),
-    })
+    let entry = ClientEntry { name: name.clone(), key: key_sha256 };
+    let client = match (name, key_sha256) {
+        (Some(name), Some((key_sha256, _))) if valid_key => {
+            Some(Client { name, key_sha256, expires, allow_ips, policy: Arc::new(policy) })
+        }
+        _ => None,
+    };
+    (client, entry)
+}
+
+/// Duplicate client names and keys and user names (SPEC §4): each error
+/// names the later entry's field and the first earlier entry it repeats.
+fn check_duplicates(clients: &[ClientEntry], users: &[Option<String>], errs: &mut Errors) {
+    for (i, c) in clients.iter().enumerate() {
+        let earlier = &clients[..i];
+        if let Some(name) = &c.name
+            && let Some(j) = earlier.iter().position(|o| o.name.as_ref() == Some(name))
+        {
+            errs.push(
+                &format!("clients[{i}].name"),
+                format!("duplicate client name \"{name}\" (clients[{j}])"),
+            );
+        }
+        if let Some((digest, field)) = &c.key
+            && let Some(j) = earlier.iter().position(|o| o.key.is_some_and(|(d, _)| d == *digest))
+        {
+            errs.push(&format!("clients[{i}].{field}"), format!("same key as clients[{j}]"));
+        }
+    }
+    for (i, name) in users.iter().enumerate() {
+        if let Some(name) = name
+            && let Some(j) = users[..i].iter().position(|o| o.as_ref() == Some(name))
+        {
+            errs.push(
+                &format!("users[{i}].name"),
+                format!("duplicate user name \"{name}\" (users[{j}])"),
+            );
+        }
+    }
 }
 
 fn read_cidrs(obj: &mut Obj, key: &'static str, env: Env, errs: &mut Errors) -> Vec<Cidr> {
@@ -721,7 +785,14 @@ fn read_tls(value: &Value, env: Env, errs: &mut Errors) -> Option<Arc<rustls::Se
     }
 }
 
-fn read_user(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option<User> {
+/// A user, and its name for the cross-checks even when another field is
+/// invalid.
+fn read_user(
+    value: &Value,
+    path: &str,
+    env: Env,
+    errs: &mut Errors,
+) -> (Option<User>, Option<String>) {
     let mut obj = Obj::new(value, path, errs);
     let name = obj.string("name", env, errs);
     let hash = obj.string("password_hash", env, errs);
@@ -747,28 +818,35 @@ fn read_user(value: &Value, path: &str, env: Env, errs: &mut Errors) -> Option<U
             None
         }
     };
-    Some(User { name: name?, password_hash: hash?, policy: Arc::new(policy) })
+    let user = match (name.clone(), hash) {
+        (Some(name), Some(password_hash)) => {
+            Some(User { name, password_hash, policy: Arc::new(policy) })
+        }
+        _ => None,
+    };
+    (user, name)
 }
 
 /// Cross-checks of SPEC §4: what each auth mode needs and uses.
+/// `clients` and `users` count every entry, valid or not.
 fn check_auth_mode(
     auth: &Auth,
-    clients: &[Client],
-    users: &[User],
+    clients: usize,
+    users: usize,
     roles: &[(String, Arc<Policy>)],
     errs: &mut Errors,
 ) {
     let mode = auth.mode.as_str();
-    if !auth.mode.uses_keys() && !clients.is_empty() {
+    if !auth.mode.uses_keys() && clients > 0 {
         errs.push("clients", format!("API-key clients are not used in auth.mode {mode}"));
     }
-    if !auth.mode.uses_users() && !users.is_empty() {
+    if !auth.mode.uses_users() && users > 0 {
         errs.push("users", format!("users need auth.mode jwt_standalone or either, not {mode}"));
     }
-    if auth.mode == AuthMode::JwtStandalone && users.is_empty() {
+    if auth.mode == AuthMode::JwtStandalone && users == 0 {
         errs.push("users", "at least one user is required in jwt_standalone mode");
     }
-    let jwt_used = auth.mode.uses_users() && !users.is_empty();
+    let jwt_used = auth.mode.uses_users() && users > 0;
     match &auth.jwt_secret {
         Some(s) if s.len() < MIN_JWT_SECRET => errs.push(
             "auth.jwt_secret",
@@ -828,14 +906,7 @@ pub(crate) fn read_policy(obj: &mut Obj, env: Env, errs: &mut Errors) -> Policy 
     let max_request_bytes = obj.uint("max_request_bytes", env, errs);
     let max_ctx = obj.uint("max_ctx", env, errs);
     let max_predict = obj.uint("max_predict", env, errs);
-    let max_keep_alive =
-        obj.string("max_keep_alive", env, errs).and_then(|text| match parse_duration(&text) {
-            Ok(d) => Some(KeepAliveCap { secs: d.as_secs_f64(), text: text.trim().to_owned() }),
-            Err(e) => {
-                errs.push(&obj.field_path("max_keep_alive"), e);
-                None
-            }
-        });
+    let max_keep_alive = read_keep_alive_cap(obj, env, errs);
     let mut token_budget = TokenBudget::default();
     if let Some(v) = obj.get("token_budget") {
         let path = obj.field_path("token_budget");
@@ -872,6 +943,41 @@ pub(crate) fn read_policy(obj: &mut Obj, env: Env, errs: &mut Errors) -> Policy 
         token_budget,
         prompts,
     }
+}
+
+/// `max_keep_alive` (SPEC §4): a duration (`10m`) or a number of seconds
+/// (`600`, as Ollama reads a number in `keep_alive`; `0` allows only 0). The
+/// text is kept as configured, for the refusal message.
+fn read_keep_alive_cap(obj: &mut Obj, env: Env, errs: &mut Errors) -> Option<KeepAliveCap> {
+    let path = obj.field_path("max_keep_alive");
+    let text = match obj.get("max_keep_alive")? {
+        Value::Number(n) => match n.as_u64() {
+            Some(secs) => secs.to_string(),
+            None => {
+                errs.push(&path, "expected a duration or a non-negative whole number of seconds");
+                return None;
+            }
+        },
+        v => string_value(v, &path, env, errs)?.trim().to_owned(),
+    };
+    let secs = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        match text.parse::<u64>() {
+            Ok(secs) => secs as f64,
+            Err(_) => {
+                errs.push(&path, format!("number of seconds {text:?} is too large"));
+                return None;
+            }
+        }
+    } else {
+        match parse_duration(&text) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => {
+                errs.push(&path, format!("{e}, or a number of seconds"));
+                return None;
+            }
+        }
+    };
+    Some(KeepAliveCap { secs, text })
 }
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {
@@ -1015,17 +1121,18 @@ mod tests {
     fn plaintext_key_is_digested_and_interpolated() {
         let c = parse_env(
             "upstream: http://h:1\nclients:\n  - {name: a, key: \"${K}\"}\n",
-            &[("K", "test")],
+            &[("K", "sk-twenty-characters")],
         )
         .unwrap();
-        assert_eq!(c.clients[0].key_sha256, sha256(b"test"));
+        assert_eq!(c.clients[0].key_sha256, sha256(b"sk-twenty-characters"));
     }
 
     #[test]
     fn reports_every_error_with_its_path() {
         let errs = parse(
             "upstream: ftp://x\nworkers: -1\nbogus: 1\ntimeouts: {idle: 5 minutes}\n\
-             clients:\n  - {name: a, key: k1}\n  - {name: b, key: k2}\n  - {name: c, key: k3, deny_model: x}\n",
+             clients:\n  - {name: a, key: sk-unit-test-key-0001}\n  - {name: b, key: sk-unit-test-key-0002}\n  \
+             - {name: c, key: sk-unit-test-key-0003, deny_model: x}\n",
         )
         .unwrap_err();
         let has = |needle: &str| errs.iter().any(|e| e == needle);
@@ -1039,7 +1146,7 @@ mod tests {
 
     #[test]
     fn max_connections_per_ip() {
-        let base = "upstream: http://h:1\nclients:\n  - {name: a, key: k}\n";
+        let base = "upstream: http://h:1\nclients:\n  - {name: a, key: kkkkkkkkkkkkkkkkkkkkkkkk}\n";
         let c = parse(&format!("max_connections_per_ip: 3\n{base}")).unwrap();
         assert_eq!(c.max_connections_per_ip, 3);
         let errs = parse(&format!("max_connections_per_ip: 0\n{base}")).unwrap_err();
@@ -1057,22 +1164,135 @@ mod tests {
 
     #[test]
     fn client_validation() {
+        let same = "sk-the-same-key-twice-01";
         let yaml = [
             "upstream: http://h:1",
             "clients:",
-            "  - {name: a, key: same}",
-            "  - {name: a, key: same}",
+            &format!("  - {{name: a, key: {same}}}"),
+            &format!("  - {{name: a, key: {same}}}"),
             "  - {name: c, key_sha256: abc}",
             "  - {name: d}",
-            &format!("  - {{name: e, key: x, key_sha256: {KEY_DIGEST}}}"),
+            &format!("  - {{name: e, key: sk-unit-test-key-0005, key_sha256: {KEY_DIGEST}}}"),
+            &format!(
+                "  - {{name: f, key_sha256: \"{}\"}}",
+                crate::auth::keys::hex(&sha256(same.as_bytes()))
+            ),
+            "  - {name: a, key: short}",
         ]
         .join("\n");
         let errs = parse(&yaml).unwrap_err();
-        assert!(errs.contains(&"clients: duplicate client name \"a\"".to_string()), "{errs:?}");
-        assert!(errs.contains(&"clients: clients \"a\" and \"a\" have the same key".to_string()));
-        assert!(errs.iter().any(|e| e.starts_with("clients[2].key_sha256: must be 64")));
-        assert!(errs.contains(&"clients[3]: key or key_sha256 is required".to_string()));
-        assert!(errs.contains(&"clients[4]: set either key or key_sha256, not both".to_string()));
+        assert_eq!(
+            errs,
+            [
+                "clients[2].key_sha256: must be 64 hexadecimal characters (a SHA-256 digest)",
+                "clients[3]: key or key_sha256 is required",
+                "clients[4]: set either key or key_sha256, not both",
+                "clients[6].key: must be at least 20 characters (generate one with `butler gen-key`)",
+                "clients[1].name: duplicate client name \"a\" (clients[0])",
+                "clients[1].key: same key as clients[0]",
+                "clients[5].key_sha256: same key as clients[0]",
+                "clients[6].name: duplicate client name \"a\" (clients[0])",
+            ]
+        );
+    }
+
+    #[test]
+    fn plaintext_keys_need_twenty_characters() {
+        let yaml = |key: &str| {
+            format!("upstream: http://h:1\nclients:\n  - {{name: a, key: \"{key}\"}}\n")
+        };
+        assert!(parse(&yaml(&"k".repeat(20))).is_ok());
+        // Characters, not bytes: 19 of them in 38 bytes are too few.
+        let errs = parse(&yaml(&"é".repeat(19))).unwrap_err();
+        assert_eq!(
+            errs,
+            ["clients[0].key: must be at least 20 characters (generate one with `butler gen-key`)"]
+        );
+        // The key itself never appears in the message.
+        let errs = parse(&yaml("a")).unwrap_err();
+        assert!(!errs[0].contains("\"a\""), "{errs:?}");
+        // A digest is not a key: any 64 hex digits pass.
+        assert!(
+            parse(&format!(
+                "upstream: http://h:1\nclients:\n  - {{name: a, key_sha256: {KEY_DIGEST}}}\n"
+            ))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn duplicate_users_name_both_entries() {
+        let hash = "$2b$10$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy";
+        let yaml = format!(
+            "upstream: http://h:1\nauth: {{mode: jwt_standalone, jwt_secret: \"{}\"}}\n\
+             users:\n  - {{name: u, password_hash: \"{hash}\"}}\n  - {{name: v, password_hash: \"{hash}\"}}\n  \
+             - {{name: u, password_hash: \"{hash}\"}}\n",
+            "s".repeat(32)
+        );
+        assert_eq!(
+            parse(&yaml).unwrap_err(),
+            ["users[2].name: duplicate user name \"u\" (users[0])"]
+        );
+    }
+
+    #[test]
+    fn an_entry_with_an_invalid_field_still_counts_in_cross_checks() {
+        // The malformed hash is reported, and so is the secret this user needs.
+        let errs = parse(
+            "upstream: http://h:1\nauth: {mode: either}\nclients:\n  - {name: a, key: sk-unit-test-key-0001}\n\
+             users:\n  - {name: u, password_hash: \"not-bcrypt\"}\n",
+        )
+        .unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].starts_with("users[0].password_hash: "), "{errs:?}");
+        assert_eq!(errs[1], "auth.jwt_secret: required when users log in (at least 32 bytes)");
+        // A client whose key is too short is still a client: no "at least one client" error,
+        // and in jwt_standalone mode it is reported as unused.
+        let errs =
+            parse("upstream: http://h:1\nclients:\n  - {name: a, key: short}\n").unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let errs = parse(
+            "upstream: http://h:1\nauth: {mode: oidc, oidc: {issuer: \"https://idp\", client_id: b, \
+             role_claim_path: r}}\nrole_policies: {x: {}}\nclients:\n  - {name: a, key: short}\n",
+        )
+        .unwrap_err();
+        assert!(
+            errs.contains(&"clients: API-key clients are not used in auth.mode oidc".to_owned()),
+            "{errs:?}"
+        );
+        assert_eq!(errs.len(), 2, "{errs:?}");
+    }
+
+    #[test]
+    fn max_keep_alive_takes_seconds_or_a_duration() {
+        let cap = |v: &str| {
+            let c = parse(&format!(
+                "upstream: http://h:1\nclients:\n  - {{name: a, key: sk-unit-test-key-0001, max_keep_alive: {v}}}\n"
+            ));
+            c.map(|c| c.clients[0].policy.max_keep_alive.clone().map(|k| (k.secs, k.text)))
+        };
+        assert_eq!(cap("600"), Ok(Some((600.0, "600".to_owned()))));
+        assert_eq!(cap("0"), Ok(Some((0.0, "0".to_owned()))));
+        assert_eq!(cap("10m"), Ok(Some((600.0, "10m".to_owned()))));
+        assert_eq!(cap("\"90\""), Ok(Some((90.0, "90".to_owned()))));
+        for bad in ["-1", "1.5", "ten", "\"5 m\"", "[1]"] {
+            let errs = cap(bad).unwrap_err();
+            assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+            assert!(errs[0].starts_with("clients[0].max_keep_alive: "), "{bad}: {errs:?}");
+        }
+    }
+
+    #[test]
+    fn auth_failure_limit_defaults_to_30_per_minute() {
+        let base = "upstream: http://h:1\nclients:\n  - {name: a, key: sk-unit-test-key-0001}\n";
+        assert_eq!(parse(base).unwrap().auth_failure_limit, Some(DEFAULT_AUTH_FAILURE_LIMIT));
+        assert_eq!(DEFAULT_AUTH_FAILURE_LIMIT.to_string(), "30/min");
+        let c = parse(&format!("auth_failure_limit: 3/min\n{base}")).unwrap();
+        assert_eq!(c.auth_failure_limit, Rate::parse("3/min").unwrap());
+        let c = parse(&format!("auth_failure_limit: unlimited\n{base}")).unwrap();
+        assert_eq!(c.auth_failure_limit, None);
+        let errs = parse(&format!("auth_failure_limit: 0/min\n{base}")).unwrap_err();
+        assert!(errs[0].starts_with("auth_failure_limit: invalid rate"), "{errs:?}");
     }
 
     #[test]
@@ -1104,7 +1324,14 @@ mod tests {
 
     #[test]
     fn example_config_is_valid() {
-        let c = parse(include_str!("../../butler.example.yaml")).unwrap();
+        let c = parse_env(
+            include_str!("../../butler.example.yaml"),
+            &[
+                ("OPEN_WEBUI_KEY", "sk-example-open-webui-key"),
+                ("INDEXER_KEY", "sk-example-indexer-key"),
+            ],
+        )
+        .unwrap();
         assert_eq!(c.clients.len(), 3);
         assert!(c.clients[0].policy.allow_manage);
         assert_eq!(c.clients[2].policy.rate_limit.map(|r| r.count), Some(120));
@@ -1113,7 +1340,7 @@ mod tests {
     #[test]
     fn policy_fields_are_validated_with_paths() {
         let errs = parse(
-            "upstream: http://h:1\nglobal_rate_limit: 5/week\nclients:\n  - name: a\n    key: k\n    \
+            "upstream: http://h:1\nglobal_rate_limit: 5/week\nclients:\n  - name: a\n    key: sk-unit-test-key-0001\n    \
              allow_models: [\"a//b\", 7]\n    deny_prompt_patterns: [\"(\"]\n    rate_limit: 0/s\n    \
              max_ctx: -1\n",
         )
@@ -1148,11 +1375,11 @@ mod tests {
         ] {
             assert!(parse_expiry(bad).is_err(), "{bad}");
         }
-        let c = parse("upstream: http://h:1\ntrusted_proxies: [\"127.0.0.1\"]\nclients:\n  - {name: a, key: k, expires: 2027-01-31, allow_ips: [\"10.0.0.0/8\"]}\n").unwrap();
+        let c = parse("upstream: http://h:1\ntrusted_proxies: [\"127.0.0.1\"]\nclients:\n  - {name: a, key: sk-unit-test-key-0001, expires: 2027-01-31, allow_ips: [\"10.0.0.0/8\"]}\n").unwrap();
         assert_eq!(c.clients[0].expires, Some(1_801_353_600));
         assert_eq!(c.clients[0].allow_ips.len(), 1);
         assert_eq!(c.trusted_proxies.len(), 1);
-        let errs = parse("upstream: http://h:1\ntrusted_proxies: [\"x\"]\nclients:\n  - {name: a, key: k, expires: soon, allow_ips: [\"10.0.0.1/8\"]}\n").unwrap_err();
+        let errs = parse("upstream: http://h:1\ntrusted_proxies: [\"x\"]\nclients:\n  - {name: a, key: sk-unit-test-key-0001, expires: soon, allow_ips: [\"10.0.0.1/8\"]}\n").unwrap_err();
         assert!(errs.iter().any(|e| e.starts_with("trusted_proxies[0]: ")), "{errs:?}");
         assert!(errs.iter().any(|e| e.starts_with("clients[0].expires: invalid date")), "{errs:?}");
         assert!(errs.iter().any(|e| e.starts_with("clients[0].allow_ips[0]: ")), "{errs:?}");
@@ -1160,7 +1387,9 @@ mod tests {
 
     #[test]
     fn env_overrides() {
-        let mut c = parse("upstream: http://h:1\nclients:\n  - {name: a, key: k}\n").unwrap();
+        let mut c =
+            parse("upstream: http://h:1\nclients:\n  - {name: a, key: sk-unit-test-key-0001}\n")
+                .unwrap();
         let env = |n: &str| match n {
             "BUTLER_LISTEN" => Some("0.0.0.0:9000".to_string()),
             "BUTLER_UPSTREAM" => Some("http://ollama:11434".to_string()),

@@ -4,6 +4,7 @@
 //! Every refusal is checked for its exact status and body and for nothing having reached the
 //! upstream; every admission by what the upstream received.
 
+mod ollama_ref;
 mod support;
 
 use std::net::SocketAddr;
@@ -473,4 +474,80 @@ fn create_parameters_are_capped_like_options() {
     let body = json!({"model": "mine", "from": "llama3.2", "parameters": {"num_ctx": 131072}});
     let response = call(addr, DENY_FAMILY, "POST", "/api/create", body.to_string().as_bytes());
     assert_eq!(response.status, 200, "{}", response.body_str());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Differential: butler's parser against a model of Ollama's (also the `model_name` fuzz target)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn the_model_of_ollama_agrees_with_ollamas_own_cases() {
+    use ollama_ref::{Resolved, resolve};
+    let r = |short: &str, cloud: bool| Some(Resolved { short: short.into(), cloud });
+    let part80 = "8".repeat(80);
+    let part350 = "3".repeat(350);
+    let long = format!("{part350}/{part80}/{part80}:{part80}");
+    // Facts from Ollama's tests (internal/modelref, types/model).
+    let cases = [
+        ("gpt-oss:20b:cloud", r("gpt-oss:20b", true)),
+        ("gpt-oss:20b-cloud", r("gpt-oss:20b", true)),
+        ("qwen3:8b:local", r("qwen3:8b", false)),
+        ("llama3.2", r("llama3.2:latest", false)),
+        ("my-cloud-model", r("my-cloud-model:latest", false)),
+        ("gpt-oss:clod", r("gpt-oss:clod", false)),
+        ("gpt-oss:20b:CLOUD", r("gpt-oss:20b", true)),
+        ("qwen3:cloud", r("qwen3:latest", true)),
+        ("localhost:11434/library/foo:cloud", r("localhost:11434/library/foo:latest", true)),
+        ("foo:cloud:local", None),
+        ("   ", None),
+        ("foo:bar-cloud/baz", None),
+        ("scheme://host:port/namespace/model:tag", r("host:port/namespace/model:tag", false)),
+        ("host:https/namespace/model:tag", r("host:https/namespace/model:tag", false)),
+        ("_why/_the/_lucky:_stiff", r("_why/_the/_lucky:_stiff", false)),
+        ("h/nn/mm:t", r("h/nn/mm:t", false)),
+        ("registry.ollama.ai/namespace/model:tag", r("namespace/model:tag", false)),
+        ("host/library/model:tag", r("host/library/model:tag", false)),
+        (long.as_str(), r(&long, false)),
+        ("host/name:space/model:tag", None),
+        ("-hh/nn/mm:tt", None),
+        ("hh/-nn/mm:tt", None),
+        ("hh/nn/-mm:tt", None),
+        ("hh/nn/mm:-tt", None),
+        ("m@d", None),
+        ("@t", None),
+        ("mm:", None),
+        ("/nn/mm", None),
+        ("//mm:@", None),
+        ("^", None),
+        ("00@", None),
+        // The issue's own examples.
+        ("x://registry.ollama.ai/library/llama3.2:3b", r("llama3.2:3b", false)),
+        ("llama3.3:70b:local", r("llama3.3:70b", false)),
+        (" llama3.3:70b-cloud\n", r("llama3.3:70b", true)),
+        ("x:7b-cloud:cloud", None),
+    ];
+    for (raw, want) in cases {
+        assert_eq!(resolve(raw), want, "{raw:?}");
+        ollama_ref::check(raw);
+    }
+}
+
+#[test]
+fn butler_reads_every_short_name_as_ollama_does() {
+    // Every string of up to four of these pieces: the characters and words that decide how a
+    // name is read, and a few that make it invalid.
+    const PIECES: [&str; 20] = [
+        "a", "B", "7", ":", "/", "-", ".", "_", "cloud", "LOCAL", "-Cloud", " ", "\u{a0}", "@",
+        "://", "é", "*", "registry.ollama.ai/library/", "h:1/", "n/",
+    ];
+    let mut checked = 0;
+    let mut stack = vec![(String::new(), 0)];
+    while let Some((s, depth)) = stack.pop() {
+        ollama_ref::check(&s);
+        checked += 1;
+        if depth < 4 {
+            stack.extend(PIECES.iter().map(|p| (format!("{s}{p}"), depth + 1)));
+        }
+    }
+    assert_eq!(checked, (0..=4).map(|d| PIECES.len().pow(d)).sum::<usize>());
 }

@@ -537,8 +537,26 @@ fn butler_reads_every_short_name_as_ollama_does() {
     // Every string of up to four of these pieces: the characters and words that decide how a
     // name is read, and a few that make it invalid.
     const PIECES: [&str; 20] = [
-        "a", "B", "7", ":", "/", "-", ".", "_", "cloud", "LOCAL", "-Cloud", " ", "\u{a0}", "@",
-        "://", "é", "*", "registry.ollama.ai/library/", "h:1/", "n/",
+        "a",
+        "B",
+        "7",
+        ":",
+        "/",
+        "-",
+        ".",
+        "_",
+        "cloud",
+        "LOCAL",
+        "-Cloud",
+        " ",
+        "\u{a0}",
+        "@",
+        "://",
+        "é",
+        "*",
+        "registry.ollama.ai/library/",
+        "h:1/",
+        "n/",
     ];
     let mut checked = 0;
     let mut stack = vec![(String::new(), 0)];

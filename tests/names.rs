@@ -539,7 +539,7 @@ fn butler_reads_every_short_name_as_ollama_does() {
     const PIECES: [&str; 20] = [
         "a",
         "B",
-        "7",
+        "\u{2009}",
         ":",
         "/",
         "-",

@@ -19,19 +19,11 @@ pub struct Resolved {
 
 /// Go's `unicode.IsSpace`: the Unicode White_Space code points.
 fn go_is_space(c: char) -> bool {
-    matches!(
-        c,
-        '\t' | '\n'
-            | '\u{0b}'
-            | '\u{0c}'
-            | '\r'
-            | ' '
-            | '\u{85}'
-            | '\u{a0}'
-            | '\u{1680}'
-            | '\u{2000}'
-            ..='\u{200a}' | '\u{2028}' | '\u{2029}' | '\u{202f}' | '\u{205f}' | '\u{3000}'
-    )
+    const SINGLES: [char; 13] = [
+        '\t', '\n', '\u{0b}', '\u{0c}', '\r', ' ', '\u{85}', '\u{a0}', '\u{1680}', '\u{2028}',
+        '\u{2029}', '\u{202f}', '\u{205f}',
+    ];
+    SINGLES.contains(&c) || ('\u{2000}'..='\u{200a}').contains(&c) || c == '\u{3000}'
 }
 
 /// Go's `strings.TrimSpace`.

@@ -506,11 +506,8 @@ impl App {
         };
         match class {
             Class::ModelInfoPath(raw) => {
-                let name = ModelName::parse(raw).map_err(|e| Refusal::BadRequest(e.into()))?;
-                if !policy.permits(&name) {
-                    return Err(Refusal::ModelDenied.into());
-                }
-                plan.model = Some(name.short().to_owned());
+                let names = policy.admit_models(std::slice::from_ref(raw), false)?;
+                plan.model = names.first().map(ModelName::label);
             }
             Class::Listing(kind) if !policy.permits_all() => plan.listing = Some(*kind),
             _ => {}
@@ -535,7 +532,7 @@ impl App {
         };
         let mut request = inspect::inspect(kind, &body).map_err(Refusal::BadRequest)?;
         let verdict = policy.judge(&request)?;
-        plan.model = verdict.models.first().map(|m| m.short().to_owned());
+        plan.model = verdict.models.first().map(ModelName::label);
         if kind.is_inference() {
             // Token budgets gate inference only (SPEC §7.5, §9).
             self.ledger

@@ -351,6 +351,9 @@ const IMAGE_KEYS: &[&str] = &["images", "image_url"];
 pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request, String> {
     let json = parse_object(body)?;
     check_types(kind, &json)?;
+    if kind == Kind::Create {
+        check_create_types(&json)?;
+    }
 
     let string_field = |name: &str| json.field(name).and_then(Json::as_str);
     let mut models = Vec::new();
@@ -618,6 +621,54 @@ pub fn inject_predict(kind: Kind, body: &mut Json, value: u64) -> bool {
     true
 }
 
+/// Type checks for the `/api/create` fields butler reads (SPEC §7.1, §7.3): `parameters` is
+/// a Go `map[string]any`, so any value type decodes, but Ollama later loads `num_ctx` and
+/// `num_predict` from it as numbers; `remote_host` is a string.
+fn check_create_types(json: &Json) -> Result<(), String> {
+    if let Some(parameters) = json.field("parameters") {
+        let Json::Object(entries) = parameters else {
+            return Err("parameters must be an object".into());
+        };
+        for (k, v) in entries {
+            if (key_is(k, "num_ctx") || key_is(k, "num_predict"))
+                && !matches!(v, Json::Number(_) | Json::Null)
+            {
+                return Err(format!("parameters.{} must be a number", k.to_ascii_lowercase()));
+            }
+        }
+    }
+    if let Some(v) = json.field("remote_host")
+        && !matches!(v, Json::String(_))
+    {
+        return Err("remote_host must be a string".into());
+    }
+    Ok(())
+}
+
+/// `parameters.num_ctx` and `parameters.num_predict` of an `/api/create` body: the model's
+/// defaults for every later request, so they are capped like a request's options (SPEC §7.3).
+/// Keys are read case-insensitively although Ollama's map reads them exactly: a variant
+/// Ollama ignores can only make butler stricter.
+pub fn create_parameters(body: &Json) -> (Option<Num>, Option<Limit>) {
+    let parameters = body.field("parameters");
+    let number = |name: &str| match parameters.and_then(|p| p.field(name)) {
+        Some(Json::Number(n)) => Some(*n),
+        _ => None,
+    };
+    let predict = number("num_predict")
+        .map(|n| if n.as_f64() < 1.0 { Limit::Unbounded(n) } else { Limit::Value(n) });
+    (number("num_ctx"), predict)
+}
+
+/// Whether an `/api/create` body makes a model that runs on another host (`remote_host`):
+/// Ollama then forwards every request for it there (ollama.com by default, on the host
+/// owner's account), so it is a cloud model whatever its name. A `from` naming a cloud model
+/// does the same and is caught as a cloud name.
+pub fn creates_remote(req: &Request) -> bool {
+    req.kind == Kind::Create
+        && req.body.field("remote_host").and_then(Json::as_str).is_some_and(|h| !h.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -796,6 +847,42 @@ mod tests {
             bad(Kind::Create, r#"{"model":"new","modelfile":"FROM x"}"#),
             "modelfile is not supported; use from"
         );
+    }
+
+    #[test]
+    fn create_parameters_are_read_and_type_checked() {
+        let body =
+            br#"{"model":"m","parameters":{"num_ctx":8192.0,"NUM_PREDICT":-1,"stop":["x"]}}"#;
+        let r = inspect(Kind::Create, body).unwrap();
+        let (ctx, predict) = create_parameters(&r.body);
+        assert_eq!(ctx.map(Num::as_f64), Some(8192.0));
+        assert!(matches!(predict, Some(Limit::Unbounded(_))));
+        let r = inspect(Kind::Create, br#"{"model":"m","parameters":null}"#).unwrap();
+        assert_eq!(create_parameters(&r.body), (None, None));
+        assert_eq!(
+            bad(Kind::Create, r#"{"model":"m","parameters":[]}"#),
+            "parameters must be an object"
+        );
+        assert_eq!(
+            bad(Kind::Create, r#"{"model":"m","parameters":{"num_ctx":"131072"}}"#),
+            "parameters.num_ctx must be a number"
+        );
+        assert_eq!(
+            bad(Kind::Create, r#"{"model":"m","Parameters":{"num_predict":true}}"#),
+            "parameters.num_predict must be a number"
+        );
+        assert_eq!(
+            bad(Kind::Create, r#"{"model":"m","remote_host":1}"#),
+            "remote_host must be a string"
+        );
+        // Only /api/create reads them.
+        assert!(inspect(Kind::OllamaGenerate, br#"{"model":"m","parameters":[]}"#).is_ok());
+        let r = inspect(Kind::Create, br#"{"model":"m","remote_host":"ollama.com"}"#).unwrap();
+        assert!(creates_remote(&r));
+        let r = inspect(Kind::Create, br#"{"model":"m","remote_host":""}"#).unwrap();
+        assert!(!creates_remote(&r));
+        let r = inspect(Kind::ModelOnly, br#"{"model":"m","remote_host":"ollama.com"}"#).unwrap();
+        assert!(!creates_remote(&r));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use support::{Behavior, Butler, Canned, FakeOllama, RawConn, Response, get, requ
 const RESTRICTED: &str = "sk-policy-restricted-5b0c2e9d7a";
 /// `allow_models: ["*"]`, `deny_models: [llama3.3]`, `allow_manage`.
 const MANAGER: &str = "sk-policy-manager-81f4c6a2e3";
-/// `allow_models: ["*"]`, `allow_manage`: may do everything.
+/// `allow_models: ["*"]`, `allow_cloud`, `allow_manage`: may do everything.
 const OPEN: &str = "sk-policy-open-3e7a9b1c5d";
 /// No policy fields at all: the empty allow list denies every model.
 const NOBODY: &str = "sk-policy-nobody-0a2b4c6d8e";
@@ -60,6 +60,7 @@ clients:
   - name: open
     key: "{OPEN}"
     allow_models: ["*"]
+    allow_cloud: true
     allow_manage: true
   - name: nobody
     key: "{NOBODY}"
@@ -1302,6 +1303,11 @@ fn go_model(body: &[u8]) -> Option<String> {
 /// Whether `name` resolves (as Ollama resolves names) to any tag of `denied-model`.
 fn names_denied_model(name: &str) -> bool {
     let s = name.trim().to_lowercase();
+    // One trailing `:local` source suffix (trimmed itself) is removed first.
+    let s = match s.rsplit_once(':') {
+        Some((base, suffix)) if suffix.trim() == "local" => base.to_string(),
+        _ => s,
+    };
     let s = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")).unwrap_or(&s);
     let s = s.rsplit_once('@').map_or(s, |(before, _)| before);
     let s = s.strip_prefix("registry.ollama.ai/").unwrap_or(s);
@@ -1335,7 +1341,7 @@ const MODEL_KEYS: [&str; 10] = [
     "Name",
     "name",
 ];
-const MODEL_VALUES: [&str; 26] = [
+const MODEL_VALUES: [&str; 28] = [
     "\"denied-model\"",
     "\"DENIED-MODEL\"",
     "\"Denied-Model:latest\"",
@@ -1362,6 +1368,8 @@ const MODEL_VALUES: [&str; 26] = [
     "{\"name\":\"denied-model\"}",
     "\"deni\u{0435}d-model\"",
     "\"denied-model\\n\"",
+    "\"denied-model:7b:LOCAL\"",
+    "\" Denied-Model: local \"",
 ];
 const ALLOWED_VALUES: [&str; 5] = [
     "\"llama3.2\"",
@@ -1585,6 +1593,8 @@ fn the_fuzz_oracle_reads_bodies_as_go_does() {
         "registry.ollama.ai/library/denied-model",
         "https://registry.ollama.ai/library/denied-model@sha256:ab",
         " denied-model ",
+        "denied-model:7b:local",
+        "denied-model: LOCAL",
     ] {
         assert!(names_denied_model(n), "{n}");
     }

@@ -1334,7 +1334,27 @@ mod tests {
         .unwrap();
         assert_eq!(c.clients.len(), 3);
         assert!(c.clients[0].policy.allow_manage);
+        assert!(!c.clients[0].policy.allow_cloud, "cloud models stay off in the example");
         assert_eq!(c.clients[2].policy.rate_limit.map(|r| r.count), Some(120));
+    }
+
+    #[test]
+    fn model_patterns_with_a_scheme_or_two_suffixes_are_errors() {
+        let errs = parse(
+            "upstream: http://h:1\nclients:\n  - name: a\n    key: k\n    \
+             allow_models: [\"*:cloud\", \" llama3.2:local \"]\n    \
+             deny_models: [\"https://registry.ollama.ai/library/x\", \"x:cloud:local\", \"*-cloud\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            errs[..3],
+            [
+                "clients[0].deny_models[0]: invalid model pattern \"https://registry.ollama.ai/library/x\": a scheme (://) is not allowed",
+                "clients[0].deny_models[1]: invalid model pattern \"x:cloud:local\": two source suffixes",
+                "clients[0].deny_models[2]: invalid model pattern \"*-cloud\": names are matched without their -cloud suffix; write *:cloud for every cloud model",
+            ],
+            "{errs:?}"
+        );
     }
 
     #[test]

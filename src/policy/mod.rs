@@ -298,23 +298,44 @@ impl Grant {
         self.parts.iter().any(|p| p.models.permits(model))
     }
 
-    /// Whether every model is permitted (listings then pass untouched).
+    /// Whether every model is permitted, cloud models included (listings then pass
+    /// untouched, SPEC §8).
     pub fn permits_all(&self) -> bool {
-        self.parts.iter().any(|p| p.models.permits_all())
+        self.allow_cloud && self.parts.iter().any(|p| p.models.permits_all())
+    }
+
+    /// Whether the subject may use `model`: a cloud model needs `allow_cloud`, then the lists.
+    pub fn may_use(&self, model: &ModelName) -> bool {
+        (self.allow_cloud || !model.is_cloud()) && self.permits(model)
+    }
+
+    /// The models a request names, in SPEC §7.5's order: every name must parse (400), then a
+    /// cloud model — or a `remote` request, one that creates a model running elsewhere — needs
+    /// `allow_cloud` whatever the lists say (403 `cloud models not allowed`), then the lists
+    /// decide (403 `model not allowed`).
+    pub fn admit_models(
+        &self,
+        raws: &[impl AsRef<str>],
+        remote: bool,
+    ) -> Result<Vec<ModelName>, Refusal> {
+        let names = raws
+            .iter()
+            .map(|raw| ModelName::parse(raw.as_ref()).map_err(|e| Refusal::BadRequest(e.into())))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !self.allow_cloud && (remote || names.iter().any(ModelName::is_cloud)) {
+            return Err(Refusal::CloudDenied);
+        }
+        if !names.iter().all(|name| self.permits(name)) {
+            return Err(Refusal::ModelDenied);
+        }
+        Ok(names)
     }
 
     /// Judges an inspected body in SPEC §7.5's order: model ACL, caps,
     /// prompt patterns. Caps and patterns apply to inference routes; patterns
     /// also to `/api/create`, whose system prompt and template become prompts.
     pub fn judge(&self, req: &Request) -> Result<Verdict, Refusal> {
-        let mut models = Vec::with_capacity(req.models.len());
-        for raw in &req.models {
-            let name = ModelName::parse(raw).map_err(|e| Refusal::BadRequest(e.into()))?;
-            if !self.permits(&name) {
-                return Err(Refusal::ModelDenied);
-            }
-            models.push(name);
-        }
+        let models = self.admit_models(&req.models, inspect::creates_remote(req))?;
         let inference = req.kind.is_inference();
         let mut inject_predict = None;
         if inference {
@@ -341,6 +362,27 @@ impl Grant {
                         Some(Limit::Value(Num::U(n))) => n,
                         _ => limit,
                     });
+                }
+            }
+        }
+        if req.kind == inspect::Kind::Create {
+            // A created model's parameters become every later request's defaults: capped
+            // like a request's options, nothing injected (SPEC §7.3).
+            let (num_ctx, predict) = inspect::create_parameters(&req.body);
+            if let (Some(asked), Some(limit)) = (num_ctx, self.max_ctx)
+                && asked.as_f64() > limit as f64
+            {
+                return Err(Refusal::CtxExceeded { asked, limit });
+            }
+            if let (Some(asked), Some(limit)) = (predict, self.max_predict) {
+                match asked {
+                    Limit::Unbounded(asked) => {
+                        return Err(Refusal::PredictExceeded { asked, limit });
+                    }
+                    Limit::Value(asked) if asked.as_f64() > limit as f64 => {
+                        return Err(Refusal::PredictExceeded { asked, limit });
+                    }
+                    Limit::Value(_) => {}
                 }
             }
         }
@@ -394,8 +436,12 @@ impl Grant {
                     // without a readable name is dropped.
                     let names: Vec<&str> =
                         name_keys.iter().filter_map(|k| item.exact(k)?.as_str()).collect();
+                    // A local name for a model that runs elsewhere is a cloud model too.
+                    let remote =
+                        ["remote_host", "remote_model"].iter().any(|k| item.field(k).is_some());
                     !names.is_empty()
-                        && names.iter().all(|n| ModelName::parse(n).is_ok_and(|m| self.permits(&m)))
+                        && (self.allow_cloud || !remote)
+                        && names.iter().all(|n| ModelName::parse(n).is_ok_and(|m| self.may_use(&m)))
                 }),
                 Json::Null => {}
                 _ => return None,
@@ -577,5 +623,100 @@ mod tests {
         assert_eq!(e, Refusal::PromptRejected { pattern: "bad".into() });
         let e = Grant::merge(vec![other]).judge(&req).unwrap_err();
         assert_eq!(e, Refusal::ModelDenied);
+    }
+
+    #[test]
+    fn cloud_models_need_allow_cloud_before_the_lists() {
+        let open = policy(&["*"], &[]);
+        let cloudy = Policy { allow_cloud: true, ..policy(&["*"], &["llama3.3"]) };
+        let generate = Kind::OllamaGenerate;
+        for body in [
+            r#"{"model":"gpt-oss:20b-cloud"}"#,
+            r#"{"model":"gpt-oss:20b:cloud"}"#,
+            r#"{"model":" X:CLOUD "}"#,
+        ] {
+            let e = judge(&open, generate, body).unwrap_err();
+            assert_eq!(
+                (e.status(), e.message()),
+                (403, "cloud models not allowed".into()),
+                "{body}"
+            );
+            assert_eq!(e.reason(), "model_denied");
+            assert!(judge(&cloudy, generate, body).is_ok(), "{body}");
+        }
+        // With allow_cloud the lists decide, on the name without its suffix.
+        assert_eq!(
+            judge(&cloudy, generate, r#"{"model":"llama3.3:70b-cloud"}"#).unwrap_err(),
+            Refusal::ModelDenied
+        );
+        // Order: a bad name (400) before cloud (403) before the lists (403).
+        let strict = policy(&["llama3.2"], &[]);
+        let e = judge(&strict, Kind::Copy, r#"{"source":"x:cloud","destination":"a b"}"#);
+        assert!(matches!(e.unwrap_err(), Refusal::BadRequest(_)));
+        let e = judge(&strict, Kind::Copy, r#"{"source":"qwen","destination":"x:cloud"}"#);
+        assert_eq!(e.unwrap_err(), Refusal::CloudDenied);
+        // Every model a management body names, and a model created to run elsewhere.
+        for body in [
+            r#"{"model":"mine","from":"gpt-oss:20b-cloud"}"#,
+            r#"{"model":"mine:cloud","from":"llama3.2"}"#,
+            r#"{"model":"mine","from":"llama3.2","remote_host":"https://ollama.com"}"#,
+        ] {
+            assert_eq!(
+                judge(&open, Kind::Create, body).unwrap_err(),
+                Refusal::CloudDenied,
+                "{body}"
+            );
+            assert!(judge(&cloudy, Kind::Create, body).is_ok(), "{body}");
+        }
+        assert!(judge(&open, Kind::Create, r#"{"model":"m","from":"x","remote_host":""}"#).is_ok());
+        let g = Grant::single(Arc::new(open.clone()));
+        assert!(!g.permits_all(), "a listing must still hide cloud models");
+        assert!(Grant::single(Arc::new(Policy { allow_cloud: true, ..open })).permits_all());
+    }
+
+    #[test]
+    fn create_parameters_are_capped() {
+        let p = Policy { max_ctx: Some(4096), max_predict: Some(512), ..policy(&["*"], &[]) };
+        let create = |params: &str| {
+            let body = format!(r#"{{"model":"m","from":"llama3.2","parameters":{params}}}"#);
+            judge(&p, Kind::Create, &body).map(|v| v.inject_predict)
+        };
+        assert_eq!(
+            create(r#"{"num_ctx":131072}"#).unwrap_err().message(),
+            "num_ctx 131072 exceeds limit of 4096"
+        );
+        assert_eq!(
+            create(r#"{"num_predict":1000,"temperature":0.1}"#).unwrap_err().message(),
+            "num_predict 1000 exceeds limit of 512"
+        );
+        assert_eq!(
+            create(r#"{"num_predict":-1}"#).unwrap_err().message(),
+            "num_predict -1 exceeds limit of 512"
+        );
+        assert_eq!(create(r#"{"num_ctx":4096,"num_predict":512}"#), Ok(None), "nothing injected");
+        assert_eq!(create("null"), Ok(None));
+        // Without caps anything goes.
+        let free = policy(&["*"], &[]);
+        let body = r#"{"model":"m","parameters":{"num_ctx":131072,"num_predict":-1}}"#;
+        assert!(judge(&free, Kind::Create, body).is_ok());
+    }
+
+    #[test]
+    fn listings_hide_cloud_models_without_allow_cloud() {
+        let tags = br#"{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest"},{"name":"gpt-oss:20b-cloud","model":"gpt-oss:20b-cloud"},{"name":"mine:latest","model":"mine:latest","remote_host":"https://ollama.com:443","remote_model":"gpt-oss:20b"},{"name":"other:latest","model":"other:latest","remote_model":"x"}]}"#;
+        let open = Grant::single(Arc::new(policy(&["*"], &[])));
+        let out = open.filter_listing(Listing::Ollama, tags).unwrap();
+        assert_eq!(out, br#"{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest"}]}"#);
+        let cloudy =
+            Grant::single(Arc::new(Policy { allow_cloud: true, ..policy(&["*"], &["gpt-oss"]) }));
+        let out = cloudy.filter_listing(Listing::Ollama, tags).unwrap();
+        assert_eq!(
+            out,
+            br#"{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest"},{"name":"mine:latest","model":"mine:latest","remote_host":"https://ollama.com:443","remote_model":"gpt-oss:20b"},{"name":"other:latest","model":"other:latest","remote_model":"x"}]}"#
+        );
+        let v1 =
+            br#"{"object":"list","data":[{"id":"gpt-oss:20b-cloud"},{"id":"llama3.2:latest"}]}"#;
+        let out = open.filter_listing(Listing::OpenAi, v1).unwrap();
+        assert_eq!(out, br#"{"object":"list","data":[{"id":"llama3.2:latest"}]}"#);
     }
 }

@@ -6,6 +6,14 @@
 //! So every name, and every pattern, is reduced to the same canonical "short form" Ollama
 //! itself displays (default host and namespace dropped, tag always present, lowercase), and
 //! all matching happens on that form.
+//!
+//! Before that, a name goes through the same first step as in Ollama's `ParseRef`: surrounding
+//! white space is trimmed and one trailing *source suffix* is removed (`:local`, `:cloud`, or
+//! `-cloud` ending the tag), so `llama3.3:70b:local` is `llama3.3:70b` — else a deny list
+//! would miss it. A `:cloud`/`-cloud` suffix makes the name a cloud model, which Ollama runs on
+//! ollama.com with the host owner's account; [`ModelName::is_cloud`] reports it.
+
+use std::borrow::Cow;
 
 /// Ollama's default registry host: names without a host resolve here.
 const DEFAULT_HOST: &str = "registry.ollama.ai";
@@ -20,11 +28,13 @@ const MAX_LEN: usize = 512;
 /// A model name as Ollama resolves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelName {
-    /// Canonical short form, lowercase, always with a tag.
+    /// Canonical short form, lowercase, always with a tag, without a source suffix.
     short: String,
     /// Length of `short` without its `:tag`, so "any tag of this name" compares a prefix
     /// instead of re-parsing.
     base_len: usize,
+    /// The name ended in `:cloud` or `-cloud`: Ollama runs it on ollama.com.
+    cloud: bool,
 }
 
 impl ModelName {
@@ -33,16 +43,35 @@ impl ModelName {
     /// The reason is always "invalid model name" (Ollama's own wording), because it goes
     /// back to clients, which gain nothing from knowing which rule their string broke.
     pub fn parse(raw: &str) -> Result<ModelName, &'static str> {
-        match parse_name(raw) {
-            Ok(parsed) => Ok(ModelName { short: parsed.short, base_len: parsed.base_len }),
-            Err(_) => Err("invalid model name"),
-        }
+        let parse = || {
+            reject_scheme(raw)?;
+            let (base, source) = parse_ref(raw)?;
+            let parsed = parse_name(&base)?;
+            Ok::<_, &'static str>(ModelName {
+                short: parsed.short,
+                base_len: parsed.base_len,
+                cloud: source == Source::Cloud,
+            })
+        };
+        parse().map_err(|_| "invalid model name")
     }
 
-    /// Short form, lowercase: "llama3.2:latest", "user/m:latest", "hf.co/org/m:q4_k_m",
-    /// "host:5000/ns/m:tag".
+    /// Short form, lowercase, without source suffix: "llama3.2:latest", "user/m:latest",
+    /// "hf.co/org/m:q4_k_m", "host:5000/ns/m:tag".
     pub fn short(&self) -> &str {
         &self.short
+    }
+
+    /// Whether the name asks for a cloud model (`:cloud` or `-cloud`), which Ollama runs on
+    /// ollama.com on the host owner's account (SPEC §7.2).
+    pub fn is_cloud(&self) -> bool {
+        self.cloud
+    }
+
+    /// The short form for logs and metrics, with `:cloud` appended for a cloud model so an
+    /// audit shows which requests left the host.
+    pub fn label(&self) -> String {
+        if self.cloud { format!("{}:cloud", self.short) } else { self.short.clone() }
     }
 
     /// The short form without its tag ("llama3.2" for "llama3.2:1b").
@@ -75,11 +104,68 @@ fn check_raw(raw: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Drops a leading `http://` or `https://`: Ollama's parser accepts a scheme in front of the
-/// host (for insecure registries), so `https://registry.ollama.ai/library/x` is just `x`.
-/// Expects lowercase input.
-fn strip_scheme(s: &str) -> &str {
-    s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")).unwrap_or(s)
+/// Refuses any `scheme://`. Ollama's parser takes any scheme in front of the host
+/// (`x://registry.ollama.ai/library/llama3.2:3b` is `llama3.2:3b`); no client needs one, and
+/// refusing it leaves one spelling fewer to get wrong (SPEC §7.2).
+fn reject_scheme(s: &str) -> Result<(), &'static str> {
+    if s.contains("://") { Err("a scheme (://) is not allowed") } else { Ok(()) }
+}
+
+/// Where a name says its model runs: Ollama's source suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// No suffix.
+    Any,
+    /// `:local`.
+    Local,
+    /// `:cloud`, or a tag ending in `-cloud`.
+    Cloud,
+}
+
+/// Ollama's `ParseRef` (internal/modelref): trims surrounding white space (Rust's `trim` and
+/// Go's `strings.TrimSpace` both cut Unicode White_Space), then removes one source suffix and
+/// refuses a second one under it (`x:cloud:local`, `x:7b-cloud:cloud`). Returns the base name
+/// Ollama goes on to resolve, and the source.
+fn parse_ref(raw: &str) -> Result<(Cow<'_, str>, Source), &'static str> {
+    let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        return Err("empty");
+    }
+    match source_suffix(trimmed) {
+        None => Ok((Cow::Borrowed(trimmed), Source::Any)),
+        Some((base, source)) => {
+            if source_suffix(&base).is_some() {
+                return Err("two source suffixes");
+            }
+            Ok((base, source))
+        }
+    }
+}
+
+/// One source suffix, as Ollama finds it: what follows the last `:`, trimmed, is `cloud` or
+/// `local` in any case (the suffix and that `:` are removed), or — when it holds no `/` —
+/// ends in `-cloud` (only those six bytes go: `x:7b-cloud` is `x:7b`, `x: 7b-cloud` too).
+/// `my-cloud-model` and `foo:bar-cloud/baz` have none. Go lowercases the whole suffix before
+/// comparing, but no non-ASCII character lowercases to a letter of `cloud` or `local`, so an
+/// ASCII comparison gives the same answers.
+fn source_suffix(s: &str) -> Option<(Cow<'_, str>, Source)> {
+    let colon = s.rfind(':')?;
+    let suffix = s[colon + 1..].trim();
+    if suffix.eq_ignore_ascii_case("cloud") {
+        return Some((Cow::Borrowed(&s[..colon]), Source::Cloud));
+    }
+    if suffix.eq_ignore_ascii_case("local") {
+        return Some((Cow::Borrowed(&s[..colon]), Source::Local));
+    }
+    if suffix.contains('/') {
+        return None;
+    }
+    let cut = suffix.len().checked_sub("-cloud".len())?;
+    // `get` is None when `cut` splits a character: then the last six bytes are not `-cloud`.
+    if !suffix.get(cut..)?.eq_ignore_ascii_case("-cloud") {
+        return None;
+    }
+    Some((Cow::Owned(format!("{}{}", &s[..=colon], &suffix[..cut])), Source::Cloud))
 }
 
 /// Drops a `@digest` suffix (cut at the last `@`): a digest pins content, not identity, and
@@ -92,15 +178,12 @@ fn strip_digest(s: &str) -> Result<&str, &'static str> {
     if s.is_empty() { Err("nothing before the digest") } else { Ok(s) }
 }
 
-/// Normalises a name (SPEC §7.2); the error is a detailed reason for config messages.
+/// Normalises a name without source suffix (SPEC §7.2); the error is a detailed reason for
+/// config messages.
 fn parse_name(raw: &str) -> Result<Parsed, &'static str> {
     check_raw(raw)?;
     let lower = raw.to_ascii_lowercase();
-    let s = strip_scheme(&lower);
-    if s.is_empty() {
-        return Err("empty");
-    }
-    let s = strip_digest(s)?;
+    let s = strip_digest(&lower)?;
 
     // The tag is what follows the last `:` after the last `/`; a `:` before the last `/`
     // is a registry port (`host:5000/ns/m`), not a tag.
@@ -144,6 +227,10 @@ pub struct Pattern {
     /// As configured, for logs and docs.
     raw: String,
     kind: Kind,
+    /// A source suffix in the pattern limits it to names with that source: `x:7b-cloud` (as
+    /// `ollama ls` lists a cloud model) matches only the cloud `x:7b`, `x:local` only names
+    /// that are not cloud models. Without one, the pattern matches both.
+    source: Source,
 }
 
 #[derive(Debug, Clone)]
@@ -186,12 +273,21 @@ impl Scope {
 impl Pattern {
     /// Errors with a message suitable for a config error ("invalid model pattern \"…\": …").
     pub fn parse(raw: &str) -> Result<Pattern, String> {
-        let kind =
-            parse_kind(raw).map_err(|why| format!("invalid model pattern {raw:?}: {why}"))?;
-        Ok(Pattern { raw: raw.to_string(), kind })
+        let (kind, source) =
+            parse_pattern(raw).map_err(|why| format!("invalid model pattern {raw:?}: {why}"))?;
+        Ok(Pattern { raw: raw.to_string(), kind, source })
     }
 
     pub fn matches(&self, model: &ModelName) -> bool {
+        let source = match self.source {
+            Source::Any => true,
+            Source::Cloud => model.cloud,
+            Source::Local => !model.cloud,
+        };
+        source && self.matches_short(model)
+    }
+
+    fn matches_short(&self, model: &ModelName) -> bool {
         match &self.kind {
             Kind::All => true,
             Kind::Exact(short) => model.short() == short,
@@ -204,16 +300,25 @@ impl Pattern {
 
     /// True for the pattern `*` alone.
     ///
-    /// Also true for spellings that normalise to it (`**`, `https://*`), so that
-    /// [`ModelAcl::permits_all`] agrees with what the pattern actually matches.
+    /// Also true for spellings that normalise to it (`**`, ` * `), so that
+    /// [`ModelAcl::permits_all`] agrees with what the pattern actually matches; false for
+    /// `*:cloud` and `*:local`, which match only part of the models.
     pub fn is_all(&self) -> bool {
-        matches!(self.kind, Kind::All)
+        matches!(self.kind, Kind::All) && self.source == Source::Any
     }
 
     /// The pattern as configured (for logs/docs).
     pub fn as_str(&self) -> &str {
         &self.raw
     }
+}
+
+/// Normalises a pattern as names are normalised (trimmed, no scheme, one source suffix
+/// removed and remembered), then reads what is left as a name or a glob.
+fn parse_pattern(raw: &str) -> Result<(Kind, Source), &'static str> {
+    reject_scheme(raw)?;
+    let (base, source) = parse_ref(raw)?;
+    Ok((parse_kind(&base)?, source))
 }
 
 fn parse_kind(raw: &str) -> Result<Kind, &'static str> {
@@ -239,11 +344,14 @@ fn parse_kind(raw: &str) -> Result<Kind, &'static str> {
 fn parse_glob(raw: &str) -> Result<Kind, &'static str> {
     check_raw(raw)?;
     let lower = raw.to_ascii_lowercase();
-    let s = strip_scheme(&lower);
-    if s.is_empty() {
-        return Err("empty");
+    let mut s = strip_digest(&lower)?;
+    // `-cloud` ending a tag is removed from names before matching, so a glob ending in it
+    // (`*-cloud`: "every cloud model"?) would match nothing. `*:cloud` says that.
+    if s.ends_with("-cloud") {
+        return Err(
+            "names are matched without their -cloud suffix; write *:cloud for every cloud model",
+        );
     }
-    let mut s = strip_digest(s)?;
 
     // Short forms have at most host/namespace/model, no empty part and a non-empty tag;
     // the literal `/`s and a trailing `:` of a glob must fit that.
@@ -375,7 +483,6 @@ mod tests {
         assert_eq!(short("host:5000/ns/m"), "host:5000/ns/m:latest");
         assert_eq!(short("registry.ollama.ai/user/m:1b"), "user/m:1b");
         assert_eq!(short("library/a/b"), "library/a/b:latest");
-        assert_eq!(short("http://host:5000/ns/m"), "host:5000/ns/m:latest");
     }
 
     #[test]
@@ -386,13 +493,24 @@ mod tests {
             "library/llama3.3:70b",
             "registry.ollama.ai/library/llama3.3:70b",
             "Registry.Ollama.AI/Library/Llama3.3:70b",
-            "https://registry.ollama.ai/library/llama3.3:70b@sha256:ab12",
-            "http://registry.ollama.ai/library/llama3.3:70b",
+            "registry.ollama.ai/library/llama3.3:70b@sha256:ab12",
             "llama3.3:70b@sha256:ab12",
+            " llama3.3:70b\n",
+            "llama3.3:70b:local",
+            "llama3.3:70b:LOCAL",
+            "llama3.3:70b: local ",
         ] {
             assert_eq!(short(raw), "llama3.3:70b", "{raw}");
+            assert!(!name(raw).is_cloud(), "{raw}");
         }
-        assert_eq!(short("https://registry.ollama.ai/library/llama3.3"), "llama3.3:latest");
+        for raw in
+            ["llama3.3:70b-cloud", "llama3.3:70b:cloud", "LLAMA3.3:70B-CLOUD", "llama3.3:70b:Cloud"]
+        {
+            assert_eq!(short(raw), "llama3.3:70b", "{raw}");
+            assert!(name(raw).is_cloud(), "{raw}");
+            assert_eq!(name(raw).label(), "llama3.3:70b:cloud");
+        }
+        assert_eq!(name("llama3.3:70b").label(), "llama3.3:70b");
         assert_eq!(short("x@sha256:abc"), "x:latest");
         assert_eq!(name("llama3.2"), name("LIBRARY/Llama3.2:latest"));
     }
@@ -408,11 +526,9 @@ mod tests {
         let too_long = "a".repeat(513);
         for raw in [
             "",
+            " \t\n",
             "a b",
-            " x",
-            "x ",
-            "x\n",
-            "x\t",
+            "x :cloud",
             "x:",
             "/x",
             "x/",
@@ -423,6 +539,15 @@ mod tests {
             "@sha256:abc",
             "https://",
             "https://@x",
+            "https://registry.ollama.ai/library/x",
+            "http://registry.ollama.ai/library/x:1b",
+            "x://registry.ollama.ai/library/llama3.2:3b",
+            "x:cloud:local",
+            "x:7b-cloud:cloud",
+            "x:local:local",
+            "x:cloud-cloud",
+            ":cloud",
+            "x:-cloud",
             ":tag",
             ":",
             "ns/:tag",
@@ -464,7 +589,9 @@ mod tests {
         assert!(!p.is_all());
         assert!(pat("*").is_all());
         assert!(pat("**").is_all());
-        assert!(pat("https://*").is_all());
+        assert!(pat(" * ").is_all());
+        assert!(!pat("*:cloud").is_all());
+        assert!(!pat("*:local").is_all());
         assert!(!pat("library/*").is_all());
         assert!(!pat("registry.ollama.ai/*").is_all());
         assert!(!pat("*:7b").is_all());
@@ -473,8 +600,29 @@ mod tests {
     #[test]
     fn invalid_patterns() {
         for raw in [
-            "", "a b", "x:", "/x", "a//b", "a/b/c/d", "é", "*é", "* ", "a//*", "/*", "*/", "*:",
-            "a/*/b/c", "@x", "https://",
+            "",
+            "a b",
+            "x:",
+            "/x",
+            "a//b",
+            "a/b/c/d",
+            "é",
+            "*é",
+            "* x",
+            "a//*",
+            "/*",
+            "*/",
+            "*:",
+            "a/*/b/c",
+            "@x",
+            "https://",
+            "https://*",
+            "x://m",
+            "x:cloud:local",
+            "*:cloud:local",
+            "*-cloud",
+            "qwen*-CLOUD",
+            "host:5000/*-cloud",
         ] {
             let err = match Pattern::parse(raw) {
                 Ok(p) => panic!("{raw:?} should not parse: {p:?}"),
@@ -492,6 +640,14 @@ mod tests {
             Some("invalid model pattern \"a\\nb\": only printable ASCII without spaces is allowed")
         );
         assert!(Pattern::parse(&"*".repeat(513)).is_err());
+        assert_eq!(
+            Pattern::parse("https://x").err().as_deref(),
+            Some("invalid model pattern \"https://x\": a scheme (://) is not allowed")
+        );
+        assert_eq!(
+            Pattern::parse("x:cloud:local").err().as_deref(),
+            Some("invalid model pattern \"x:cloud:local\": two source suffixes")
+        );
     }
 
     #[test]
@@ -512,9 +668,8 @@ mod tests {
         assert!(m("q*n*5*:*b", "qwen2.5:7b"));
         assert!(!m("q*n*5*:*b", "qwen2.5:latest"));
         assert!(m("*", "hf.co/org/m:x"));
-        // Case and scheme.
+        // Case.
         assert!(m("QWEN*", "qwen2.5:7b"));
-        assert!(m("https://hf.co/org/*", "hf.co/org/m:q4"));
     }
 
     #[test]
@@ -576,9 +731,12 @@ mod tests {
             "library/llama3.3",
             "registry.ollama.ai/library/llama3.3:70b",
             "LLAMA3.3:70B",
-            "https://registry.ollama.ai/library/llama3.3",
-            "http://registry.ollama.ai/library/llama3.3:70b",
             "llama3.3@sha256:ab12",
+            "llama3.3:local",
+            "llama3.3:70b:local",
+            " Llama3.3:70b:LOCAL\t",
+            "llama3.3:70b-cloud",
+            "llama3.3:cloud",
             "llama3.3:70b@sha256:ab12",
             "Library/Llama3.3:Latest",
         ] {
@@ -633,5 +791,120 @@ mod tests {
         assert!(acl(&["llama3.2", "*"], &[]).permits_all());
         assert!(!acl(&["*"], &["x"]).permits_all());
         assert!(!acl(&["library/*"], &[]).permits_all());
+    }
+    #[test]
+    fn deny_with_tag_catches_source_suffixes() {
+        let acl = acl(&["*"], &["llama3.2:latest"]);
+        for raw in ["llama3.2:local", "llama3.2:latest:local", "LLAMA3.2:Local", "llama3.2:cloud"] {
+            assert!(!acl.permits(&name(raw)), "{raw}");
+        }
+        assert!(acl.permits(&name("llama3.2:1b:local")));
+    }
+
+    /// Ollama's own cases (internal/modelref and types/model tests, v0.33), as facts: the
+    /// name, and what Ollama resolves it to — its short form and whether it is a cloud model
+    /// — or `None` where Ollama refuses it. butler must agree wherever Ollama accepts; where
+    /// Ollama refuses, butler may refuse too (`Err`) or judge some name (Ollama then runs
+    /// nothing), so those rows only say what butler does.
+    #[test]
+    fn ollama_cases() {
+        let part80 = "8".repeat(80);
+        let long = format!("{part80}/{part80}/{part80}:{part80}");
+        let long_short = long.clone();
+        let cases: Vec<(&str, Option<(&str, bool)>)> = vec![
+            // modelref: source suffixes.
+            ("gpt-oss:20b:cloud", Some(("gpt-oss:20b", true))),
+            ("gpt-oss:20b-cloud", Some(("gpt-oss:20b", true))),
+            ("qwen3:8b:local", Some(("qwen3:8b", false))),
+            ("llama3.2", Some(("llama3.2:latest", false))),
+            ("my-cloud-model", Some(("my-cloud-model:latest", false))),
+            ("gpt-oss:clod", Some(("gpt-oss:clod", false))),
+            ("gpt-oss:20b:CLOUD", Some(("gpt-oss:20b", true))),
+            ("gpt-oss:20b:local", Some(("gpt-oss:20b", false))),
+            ("qwen3:cloud", Some(("qwen3:latest", true))),
+            (
+                "localhost:11434/library/foo:cloud",
+                Some(("localhost:11434/library/foo:latest", true)),
+            ),
+            ("foo:cloud:local", None),
+            ("   ", None),
+            // foo:bar-cloud/baz has no suffix; as a name its namespace holds a `:`.
+            ("foo:bar-cloud/baz", None),
+            // types/model: structure and defaults.
+            (
+                "registry.ollama.ai/library/dolphin-mistral:7b-v2.6-dpo-laser-q6_K",
+                Some(("dolphin-mistral:7b-v2.6-dpo-laser-q6_k", false)),
+            ),
+            ("host/namespace/model:tag", Some(("host/namespace/model:tag", false))),
+            ("host:port/namespace/model:tag", Some(("host:port/namespace/model:tag", false))),
+            ("host/namespace/model", Some(("host/namespace/model:latest", false))),
+            ("host:port/namespace/model", Some(("host:port/namespace/model:latest", false))),
+            ("namespace/model", Some(("namespace/model:latest", false))),
+            ("model", Some(("model:latest", false))),
+            ("h/nn/mm:t", Some(("h/nn/mm:t", false))),
+            ("_why/_the/_lucky:_stiff", Some(("_why/_the/_lucky:_stiff", false))),
+            ("host:https/namespace/model:tag", Some(("host:https/namespace/model:tag", false))),
+            ("registry.ollama.ai/namespace/model:tag", Some(("namespace/model:tag", false))),
+            ("host/library/model:tag", Some(("host/library/model:tag", false))),
+            ("xx", Some(("xx:latest", false))),
+            (long.as_str(), Some((long_short.as_str(), false))),
+            // (Ollama also takes a 350-byte host: 593 bytes in all. butler refuses names over
+            // 512 bytes, which is only stricter.)
+            // Ollama refuses these.
+            ("", None),
+            ("n/m:", None),
+            ("mm:", None),
+            ("/nn/mm", None),
+            ("//", None),
+            ("//mm", None),
+            ("hh//", None),
+            ("//mm:@", None),
+            ("@", None),
+            ("@t", None),
+            ("scheme://host:port/namespace/model:tag", None),
+        ];
+        for (raw, want) in cases {
+            let got = ModelName::parse(raw);
+            match want {
+                Some((short, cloud)) => {
+                    let n = got.unwrap_or_else(|e| panic!("{raw:?}: {e}"));
+                    assert_eq!((n.short(), n.is_cloud()), (short, cloud), "{raw:?}");
+                }
+                None => {
+                    // Refused by Ollama. butler refuses all of these but one, which it
+                    // reads as a name Ollama would not run (its namespace holds a `:`).
+                    if raw == "foo:bar-cloud/baz" {
+                        assert_eq!(short(raw), "foo:bar-cloud/baz:latest");
+                    } else {
+                        assert!(got.is_err(), "{raw:?}: {got:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_suffix_in_a_pattern_limits_it_to_that_source() {
+        // As `ollama ls` lists a cloud model.
+        assert!(m("gpt-oss:20b-cloud", "gpt-oss:20b:cloud"));
+        assert!(m("gpt-oss:20b-cloud", "GPT-OSS:20B-Cloud"));
+        assert!(!m("gpt-oss:20b-cloud", "gpt-oss:20b"));
+        assert!(!m("gpt-oss:20b-cloud", "gpt-oss:20b:local"));
+        assert!(m("gpt-oss:cloud", "gpt-oss:120b-cloud"));
+        assert!(!m("gpt-oss:cloud", "gpt-oss:120b"));
+        assert!(m("gpt-oss:local", "gpt-oss:120b"));
+        assert!(m("gpt-oss:local", "gpt-oss:120b:local"));
+        assert!(!m("gpt-oss:local", "gpt-oss:120b-cloud"));
+        assert!(m("*:cloud", "hf.co/org/m:q4:cloud"));
+        assert!(!m("*:cloud", "llama3.2"));
+        assert!(m("qwen*:7b-cloud", "qwen3:7b-cloud"));
+        assert!(!m("qwen*:7b-cloud", "qwen3:7b"));
+        // Without a suffix, a pattern matches local and cloud names alike.
+        assert!(m("gpt-oss:20b", "gpt-oss:20b-cloud"));
+        assert!(m("gpt-oss", "gpt-oss:20b:cloud"));
+        assert!(m("*", "gpt-oss:20b:cloud"));
+        // A name whose model merely contains "cloud" is not a cloud model.
+        assert!(m("my-model-cloud", "my-model-cloud:1b"));
+        assert!(!name("my-model-cloud").is_cloud());
     }
 }

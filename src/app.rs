@@ -367,7 +367,7 @@ fn usage_format(class: &Class, kind: inspect::Kind) -> Option<Format> {
         return None;
     }
     match kind {
-        Kind::OllamaGenerate => Some(Format::OllamaGenerate),
+        Kind::OllamaChat | Kind::OllamaGenerate => Some(Format::OllamaGenerate),
         Kind::OllamaEmbed => Some(Format::OllamaEmbed),
         Kind::OpenAiGenerate | Kind::OpenAiEmbed => Some(Format::OpenAi),
         Kind::Messages => Some(Format::Anthropic),
@@ -539,15 +539,18 @@ impl App {
                 .check(&identity.key, &policy.token_budget, unix_now())
                 .map_err(|secs| Refusal::BudgetExceeded { retry_after_secs: secs })?;
             let mut hasher = Sha256::new();
-            for (i, text) in request.texts.iter().enumerate() {
-                if i > 0 {
+            let mut first = true;
+            request.for_each_text(|text| {
+                if !std::mem::take(&mut first) {
                     hasher.update(b"\n");
                 }
                 hasher.update(text.as_bytes());
-            }
+            });
             plan.prompt_sha256 = Some(crate::auth::keys::hex(&hasher.finalize()));
             if self.log_prompts {
-                let prompts = serde_json::to_string(&request.texts).unwrap_or_default();
+                let mut texts = Vec::new();
+                request.for_each_text(|text| texts.push(text));
+                let prompts = serde_json::to_string(&texts).unwrap_or_default();
                 logging::emit(
                     Level::Info,
                     "prompts",

@@ -12,6 +12,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::ops::ControlFlow;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
@@ -260,7 +261,10 @@ pub fn parse_object(body: &[u8]) -> Result<Json, &'static str> {
 /// carry model names, token limits and where a limit is injected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// `/api/chat`, `/api/generate`: limits in `options`.
+    /// `/api/chat`: limits in `options`; an unload has no `messages`.
+    OllamaChat,
+    /// `/api/generate`: limits in `options`; an unload has no `prompt`,
+    /// and `context` carries prompt tokens.
     OllamaGenerate,
     /// `/api/embed`, `/api/embeddings`.
     OllamaEmbed,
@@ -290,7 +294,7 @@ impl Kind {
     /// which is where butler injects a cap.
     fn predict_field(self) -> Option<PredictField> {
         match self {
-            Kind::OllamaGenerate => Some(PredictField::Options),
+            Kind::OllamaChat | Kind::OllamaGenerate => Some(PredictField::Options),
             Kind::OpenAiGenerate | Kind::Messages => Some(PredictField::Top("max_tokens")),
             Kind::Responses => Some(PredictField::Top("max_output_tokens")),
             _ => None,
@@ -328,24 +332,41 @@ pub struct Request {
     /// Largest generation limit asked for (over every field Ollama or the
     /// OpenAI/Anthropic layers read).
     pub predict: Option<Limit>,
+    /// Smallest bounded generation limit declared (any length field, at
+    /// least 1): what the honoured field is set to when it is absent.
+    pub predict_smallest: Option<Num>,
     /// Whether the field Ollama actually honours on this route is set; if not,
     /// a `max_predict` cap is injected there.
     pub predict_effective: bool,
-    /// Every string a prompt filter must see (SPEC §7.4).
-    pub texts: Vec<String>,
     /// `keep_alive` in seconds as Ollama reads it (a number is seconds, a
     /// string a Go duration); negative means "keep loaded forever".
     pub keep_alive: Option<f64>,
+    /// An unload (SPEC §6): `keep_alive` 0 on `/api/chat` without messages or
+    /// on `/api/generate` without a prompt. Ollama then expires the model for
+    /// everyone using it.
+    pub unload: bool,
+    /// `_debug_render_only: true`: Ollama answers with the rendered prompt,
+    /// revealing a Modelfile's SYSTEM prompt and template.
+    pub debug_render_only: bool,
+    /// A `web_search*` tool on `/v1/responses` or `/v1/messages`: Ollama runs
+    /// the searches itself, on the host owner's ollama.com account.
+    pub web_search: bool,
+    /// The first runner option present (SPEC §7.3), as Ollama names it.
+    pub runner_option: Option<&'static str>,
+    /// A non-empty `context` on `/api/generate`: token ids the model reads
+    /// as prompt, which no pattern can check.
+    pub context: bool,
     pub body: Json,
 }
 
-/// Keys whose string values are not prompt text (SPEC §7.4). A `role` is
-/// skipped only when it is one of the standard roles: chat templates copy
-/// the role into the prompt, so an invented one is scanned like any text.
-const NOT_PROMPT: &[&str] = &["model", "name"];
+/// Roles a chat template writes as a label; any other role value is copied
+/// into the prompt and scanned like any text (SPEC §7.4).
 const STANDARD_ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer", "function"];
-/// Keys holding image data, skipped whole.
-const IMAGE_KEYS: &[&str] = &["images", "image_url"];
+
+/// Options that make Ollama reload the model, evicting other users' work
+/// (SPEC §7.3). `options` is a Go map, matched with exact keys.
+const RUNNER_OPTIONS: &[&str] =
+    &["num_gpu", "main_gpu", "num_batch", "use_mmap", "num_thread", "numa", "low_vram"];
 
 /// Parses and reads an inspected body. The error is a `400` reason.
 pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request, String> {
@@ -416,64 +437,168 @@ pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request, String> {
             (None, v) => Some(v),
         }
     });
+    let predict_smallest = predict_values
+        .into_iter()
+        .flatten()
+        .filter(|n| n.as_f64() >= 1.0)
+        .min_by(|a, b| a.as_f64().total_cmp(&b.as_f64()));
     let predict_effective = match kind.predict_field() {
         Some(PredictField::Options) => options.and_then(|o| o.exact("num_predict")).is_some(),
         Some(PredictField::Top(name)) => json.field(name).is_some(),
         None => true,
     };
 
-    let keep_alive = match json.field("keep_alive") {
-        Some(Json::Number(n)) => Some(n.as_f64()),
-        Some(Json::String(s)) => Some(
-            go_duration_secs(s).ok_or_else(|| "keep_alive is not a valid duration".to_owned())?,
-        ),
-        _ => None,
+    let (keep_alive, keep_alive_zero) = match json.field("keep_alive") {
+        Some(Json::Number(n)) => {
+            // Ollama: a negative number is "forever", else seconds converted
+            // to whole nanoseconds (truncated), so 1e-10 is 0.
+            let secs = n.as_f64();
+            (Some(secs), secs >= 0.0 && (secs * 1e9).trunc() == 0.0)
+        }
+        Some(Json::String(s)) => {
+            let nanos = go_duration_nanos(s)
+                .ok_or_else(|| "keep_alive is not a valid duration".to_owned())?;
+            (Some(nanos as f64 / 1e9), nanos == 0)
+        }
+        _ => (None, false),
     };
+    let unload = keep_alive_zero
+        && match kind {
+            Kind::OllamaChat => {
+                json.field("messages").is_none_or(|m| matches!(m, Json::Array(a) if a.is_empty()))
+            }
+            Kind::OllamaGenerate => string_field("prompt").is_none_or(str::is_empty),
+            _ => false,
+        };
+    let debug_render_only = json.field("_debug_render_only") == Some(&Json::Bool(true));
+    // Ollama compares a tool's `type` case-sensitively: `web_search` on
+    // `/v1/responses`, any `web_search…` on `/v1/messages`.
+    let web_search = matches!(kind, Kind::Responses | Kind::Messages)
+        && matches!(json.field("tools"), Some(Json::Array(tools)) if tools.iter().any(|t| {
+            t.field("type").and_then(Json::as_str).is_some_and(|t| t.starts_with("web_search"))
+        }));
+    let runner_option = options
+        .and_then(|o| RUNNER_OPTIONS.iter().copied().find(|name| o.exact(name).is_some()))
+        .or_else(|| json.field("shift").map(|_| "shift"));
+    let context = kind == Kind::OllamaGenerate
+        && json.field("context").is_some_and(|c| !matches!(c, Json::Array(a) if a.is_empty()));
 
-    let mut texts = Vec::new();
-    collect_texts(&json, &mut texts);
-    Ok(Request { kind, models, num_ctx, predict, predict_effective, texts, keep_alive, body: json })
+    Ok(Request {
+        kind,
+        models,
+        num_ctx,
+        predict,
+        predict_smallest,
+        predict_effective,
+        keep_alive,
+        unload,
+        debug_render_only,
+        web_search,
+        runner_option,
+        context,
+        body: json,
+    })
 }
 
 /// Parses a Go `time.ParseDuration` string (`"5m"`, `"1h30m"`, `"-1s"`,
 /// `"1.5h"`, `"0"`) into seconds, as Ollama reads a string `keep_alive`.
 pub fn go_duration_secs(s: &str) -> Option<f64> {
-    let (sign, mut rest) = match s.as_bytes().first() {
-        Some(b'-') => (-1.0, &s[1..]),
-        Some(b'+') => (1.0, &s[1..]),
-        _ => (1.0, s),
+    go_duration_nanos(s).map(|n| n as f64 / 1e9)
+}
+
+/// Go's `time.ParseDuration`, to the nanosecond: each component is
+/// truncated to whole nanoseconds as Go does (`"0.5ns"` is 0, which makes a
+/// `keep_alive` an unload), and anything Go refuses — no unit, an unknown
+/// unit, more than about 292 years — is `None`.
+pub fn go_duration_nanos(s: &str) -> Option<i64> {
+    const LIMIT: u64 = 1 << 63;
+    let (neg, mut rest) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s.as_bytes()[1..]),
+        Some(b'+') => (false, &s.as_bytes()[1..]),
+        _ => (false, s.as_bytes()),
     };
-    if rest == "0" {
-        return Some(0.0);
+    if rest == b"0" {
+        return Some(0);
     }
     if rest.is_empty() {
         return None;
     }
-    let mut total = 0.0;
+    let mut total: u64 = 0;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
-        let number = &rest[..digits];
-        if number.is_empty() || number == "." || number.matches('.').count() > 1 {
+        if !(rest[0] == b'.' || rest[0].is_ascii_digit()) {
             return None;
         }
-        let value: f64 = number.parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "\u{b5}s" | "\u{3bc}s" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
+        // Whole part: overflow is an error.
+        let mut whole: u64 = 0;
+        let int_len = rest.iter().take_while(|c| c.is_ascii_digit()).count();
+        for &c in &rest[..int_len] {
+            if whole > LIMIT / 10 {
+                return None;
+            }
+            whole = whole * 10 + u64::from(c - b'0');
+            if whole > LIMIT {
+                return None;
+            }
+        }
+        rest = &rest[int_len..];
+        // Fraction: digits beyond u64 precision are dropped, not an error.
+        let (mut frac, mut scale, mut frac_len) = (0u64, 1f64, 0);
+        if rest.first() == Some(&b'.') {
+            rest = &rest[1..];
+            let mut overflow = false;
+            frac_len = rest.iter().take_while(|c| c.is_ascii_digit()).count();
+            for &c in &rest[..frac_len] {
+                if overflow || frac > (LIMIT - 1) / 10 {
+                    overflow = true;
+                    continue;
+                }
+                let next = frac * 10 + u64::from(c - b'0');
+                if next > LIMIT {
+                    overflow = true;
+                    continue;
+                }
+                frac = next;
+                scale *= 10.0;
+            }
+            rest = &rest[frac_len..];
+        }
+        if int_len == 0 && frac_len == 0 {
+            return None;
+        }
+        let unit_len = rest.iter().take_while(|c| !(**c == b'.' || c.is_ascii_digit())).count();
+        let unit: u64 = match &rest[..unit_len] {
+            b"ns" => 1,
+            // `µs` with the micro sign or the Greek mu, in UTF-8.
+            b"us" | [0xc2, 0xb5, b's'] | [0xce, 0xbc, b's'] => 1_000,
+            b"ms" => 1_000_000,
+            b"s" => 1_000_000_000,
+            b"m" => 60_000_000_000,
+            b"h" => 3_600_000_000_000,
             _ => return None,
         };
-        total += value * scale;
         rest = &rest[unit_len..];
+        if whole > LIMIT / unit {
+            return None;
+        }
+        let mut value = whole * unit;
+        if frac > 0 {
+            // As Go: the fraction in float64, truncated to whole nanoseconds.
+            value += (frac as f64 * (unit as f64 / scale)) as u64;
+            if value > LIMIT {
+                return None;
+            }
+        }
+        total += value;
+        if total > LIMIT {
+            return None;
+        }
     }
-    Some(sign * total)
+    if neg {
+        // -(1 << 63) is i64::MIN, which Go allows.
+        return Some(0i64.wrapping_sub_unsigned(total));
+    }
+    i64::try_from(total).ok()
 }
-
 /// Type checks for every field butler reads (SPEC §7.1): a wrong type is a
 /// 400 whatever the subject's policy.
 fn check_types(kind: Kind, json: &Json) -> Result<(), String> {
@@ -539,31 +664,174 @@ fn check_types(kind: Kind, json: &Json) -> Result<(), String> {
     Ok(())
 }
 
-/// Collects every string value a prompt filter must see: all of them, in
-/// known and unknown fields alike, except model names, roles and image data.
-fn collect_texts(value: &Json, out: &mut Vec<String>) {
+/// A string a prompt filter sees (SPEC §7.4): a string value or an object key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Value(&'a str),
+    Key(&'a str),
+}
+
+/// Where a value sits in the body, which decides what in it is image data
+/// (SPEC §7.4). An array passes its place on to its elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// The body itself.
+    Top,
+    /// A message: an element of top-level `messages`, or a Responses `input`
+    /// item.
+    Message,
+    /// A content block: an element of a message's `content`, or of a
+    /// block's own `content` (`tool_result`).
+    Block,
+    /// The strings of an `images` array (top level or in a message).
+    Images,
+    /// A block's `image_url` object, whose `url` is image data when it is a
+    /// `data:` URL.
+    ImageUrl,
+    /// A block's base64 `source`, whose `data` is image data.
+    Base64Source,
+    /// Anywhere else: nothing is exempt.
+    Other,
+}
+
+/// Whether a string is inline image data as Ollama's OpenAI layer decodes it
+/// (it accepts nothing else in an `image_url`, so no text gets through).
+fn is_data_url(v: &Json) -> bool {
+    v.as_str().is_some_and(|s| s.starts_with("data:"))
+}
+
+/// Visits every key and string value of `value`, in body order, except the
+/// exemptions of SPEC §7.4: the top-level `model` value, standard `role`
+/// values and image data in the places Ollama decodes it as an image. No key
+/// name exempts anything anywhere else. Recursion is bounded by the parser's
+/// nesting limit.
+fn walk<'a>(
+    kind: Kind,
+    value: &'a Json,
+    place: Place,
+    f: &mut dyn FnMut(Piece<'a>) -> ControlFlow<()>,
+) -> ControlFlow<()> {
     match value {
-        Json::String(s) => out.push(s.clone()),
-        Json::Array(items) => items.iter().for_each(|v| collect_texts(v, out)),
-        Json::Object(entries) => {
-            // An Anthropic/OpenAI base64 part: {"type":"base64","data":…}.
-            let base64 = value.field("type").and_then(Json::as_str) == Some("base64");
-            for (k, v) in entries {
-                let standard_role =
-                    key_is(k, "role") && v.as_str().is_some_and(|r| STANDARD_ROLES.contains(&r));
-                let skip = standard_role
-                    || NOT_PROMPT.iter().any(|f| key_is(k, f))
-                    || IMAGE_KEYS.iter().any(|f| key_is(k, f))
-                    || (base64 && key_is(k, "data"));
-                if !skip {
-                    collect_texts(v, out);
-                }
+        Json::String(s) if place != Place::Images => f(Piece::Value(s)),
+        Json::Array(items) => {
+            for item in items {
+                let inner = if matches!(item, Json::Array(_)) { Place::Other } else { place };
+                walk(kind, item, inner, f)?;
             }
+            ControlFlow::Continue(())
         }
-        Json::Null | Json::Bool(_) | Json::Number(_) => {}
+        Json::Object(entries) => {
+            for (k, v) in entries {
+                f(Piece::Key(k))?;
+                if key_is(k, "role") && v.as_str().is_some_and(|r| STANDARD_ROLES.contains(&r)) {
+                    continue;
+                }
+                let array = matches!(v, Json::Array(_));
+                let child = match place {
+                    Place::Top if key_is(k, "model") && v.as_str().is_some() => continue,
+                    Place::Top | Place::Message if key_is(k, "images") && array => Place::Images,
+                    Place::Top if key_is(k, "messages") && array => Place::Message,
+                    Place::Top if kind == Kind::Responses && key_is(k, "input") && array => {
+                        Place::Message
+                    }
+                    Place::Message | Place::Block if key_is(k, "content") && array => Place::Block,
+                    Place::Block if key_is(k, "image_url") && is_data_url(v) => continue,
+                    Place::Block if key_is(k, "image_url") => Place::ImageUrl,
+                    Place::Block
+                        if key_is(k, "source")
+                            && v.field("type").and_then(Json::as_str) == Some("base64") =>
+                    {
+                        Place::Base64Source
+                    }
+                    Place::ImageUrl if key_is(k, "url") && is_data_url(v) => continue,
+                    Place::Base64Source if key_is(k, "data") && v.as_str().is_some() => continue,
+                    _ => Place::Other,
+                };
+                walk(kind, v, child, f)?;
+            }
+            ControlFlow::Continue(())
+        }
+        Json::String(_) | Json::Null | Json::Bool(_) | Json::Number(_) => ControlFlow::Continue(()),
     }
 }
 
+/// The text parts of a message's `content` (or of `system`): the string
+/// itself, or the `text` of each block, with those of blocks nested in a
+/// block's `content` (`tool_result`) included.
+fn text_parts<'a>(content: &'a Json, out: &mut Vec<&'a str>) {
+    match content {
+        Json::String(s) => out.push(s),
+        Json::Array(blocks) => {
+            for block in blocks {
+                match block {
+                    Json::String(s) => out.push(s),
+                    Json::Object(_) => {
+                        if let Some(Json::String(t)) = block.field("text") {
+                            out.push(t);
+                        }
+                        if let Some(inner) = block.field("content") {
+                            text_parts(inner, out);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+impl Request {
+    /// Every string value that is prompt text (SPEC §7.4: all but the
+    /// exemptions; keys aside), in body order, borrowed from the body: what
+    /// `log_prompts` writes and the prompt digest covers.
+    pub fn for_each_text<'a>(&'a self, mut f: impl FnMut(&'a str)) {
+        let _ = walk(self.kind, &self.body, Place::Top, &mut |piece| {
+            if let Piece::Value(s) = piece {
+                f(s);
+            }
+            ControlFlow::Continue(())
+        });
+    }
+
+    /// Offers `hit` everything a prompt pattern must see (SPEC §7.4): every
+    /// string value and object key but the exemptions, then each message's
+    /// (and `system`'s) text parts joined with `""` and with `"\n"`, so a
+    /// phrase split across blocks is seen whole. Stops at the first `true`
+    /// and returns whether there was one. Joined texts are built one
+    /// message at a time, never all at once.
+    pub fn scan(&self, mut hit: impl FnMut(&str) -> bool) -> bool {
+        let found = walk(self.kind, &self.body, Place::Top, &mut |piece| {
+            let (Piece::Value(s) | Piece::Key(s)) = piece;
+            if hit(s) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        });
+        if found.is_break() {
+            return true;
+        }
+        let mut messages: Vec<&Json> = Vec::new();
+        for field in ["messages", "input"] {
+            if field == "input" && self.kind != Kind::Responses {
+                continue;
+            }
+            if let Some(Json::Array(items)) = self.body.field(field) {
+                messages.extend(items.iter().filter_map(|m| m.field("content")));
+            }
+        }
+        messages.extend(self.body.field("system"));
+        let mut parts = Vec::new();
+        for content in messages {
+            parts.clear();
+            text_parts(content, &mut parts);
+            if parts.len() < 2 {
+                continue; // a single part was seen on its own
+            }
+            if hit(&parts.concat()) || hit(&parts.join("\n")) {
+                return true;
+            }
+        }
+        false
+    }
+}
 /// For a streamed `/v1/chat/completions` whose client did not ask for usage:
 /// the body with `stream_options.include_usage: true`, so Ollama reports the
 /// tokens (SPEC §9; butler hides the extra chunk from the client). Edits
@@ -822,18 +1090,123 @@ mod tests {
         assert!(inject(Kind::OpenAiEmbed, br#"{"model":"a"}"#, 1).is_none());
     }
 
+    fn texts(kind: Kind, body: &str) -> Vec<String> {
+        let r = inspect(kind, body.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        r.for_each_text(|t| out.push(t.to_owned()));
+        out
+    }
+
+    /// Everything `scan` offers a pattern, joined texts included.
+    fn scanned(kind: Kind, body: &str) -> Vec<String> {
+        let r = inspect(kind, body.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        r.scan(|t| {
+            out.push(t.to_owned());
+            false
+        });
+        out
+    }
+
     #[test]
-    fn prompt_texts_cover_every_string_but_names_and_images() {
+    fn prompt_texts_cover_every_string_but_the_exemptions() {
         let body = r#"{"model":"m","system":"S","messages":[{"role":"user","content":[
             {"type":"text","text":"T"},{"type":"image_url","image_url":{"url":"data:IMG"}}],
-            "images":["B64"]}],"unknown":{"deep":["U"]},"Prompt":"P",
-            "source":{"type":"base64","data":"D","media_type":"image/png"}}"#;
-        let r = inspect(Kind::OpenAiGenerate, body.as_bytes()).unwrap();
-        let texts: Vec<&str> = r.texts.iter().map(String::as_str).collect();
-        assert_eq!(texts, ["S", "text", "T", "image_url", "U", "P", "base64", "image/png"]);
-        let body = br#"{"model":"m","messages":[{"role":"the plan","content":"x"}]}"#;
-        let r = inspect(Kind::OllamaGenerate, body).unwrap();
-        assert_eq!(r.texts, ["the plan", "x"], "an invented role is prompt text");
+            "images":["B64"]}],"unknown":{"deep":["U"]},"Prompt":"P","images":["TOP"]}"#;
+        assert_eq!(
+            texts(Kind::OpenAiGenerate, body),
+            ["S", "text", "T", "image_url", "U", "P"],
+            "model, standard roles and image data are skipped"
+        );
+        let body = r#"{"model":"m","messages":[{"role":"the plan","content":"x"}]}"#;
+        assert_eq!(texts(Kind::OllamaChat, body), ["the plan", "x"], "an invented role is text");
+        // Anthropic base64 sources, also inside tool_result blocks.
+        let body = r#"{"model":"m","messages":[{"role":"user","content":[
+            {"type":"image","source":{"type":"base64","media_type":"image/png","data":"D1"}},
+            {"type":"tool_result","content":[{"type":"image","source":{"type":"base64","data":"D2"}}]}]}]}"#;
+        assert_eq!(
+            texts(Kind::Messages, body),
+            ["image", "base64", "image/png", "tool_result", "image", "base64"]
+        );
+        // A Responses input item is a message; its image_url is a string.
+        let body = r#"{"model":"m","input":[{"role":"user","content":[
+            {"type":"input_image","image_url":"data:image/png;base64,QQ=="},
+            {"type":"input_image","image_url":"https://x/secret"}]}]}"#;
+        assert_eq!(
+            texts(Kind::Responses, body),
+            ["input_image", "input_image", "https://x/secret"],
+            "only data: URLs are image data"
+        );
+    }
+
+    #[test]
+    fn no_key_name_exempts_anything_elsewhere() {
+        // Tool schemas and arguments carry text under any key: scanned.
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi","name":"N"}],
+            "tools":[{"type":"function","function":{"name":"F","description":"D",
+            "parameters":{"type":"object","properties":{"model":{"description":"M"},
+            "images":["I"],"image_url":{"url":"data:X"},
+            "source":{"type":"base64","data":"Y"}}}}}]}"#;
+        let t = texts(Kind::OpenAiGenerate, body);
+        for s in ["N", "F", "D", "M", "I", "data:X", "Y"] {
+            assert!(t.contains(&s.to_owned()), "{s} in {t:?}");
+        }
+        // A nested `model` is scanned; only the top-level one is exempt.
+        assert_eq!(texts(Kind::OllamaChat, r#"{"model":"m","x":{"model":"q"}}"#), ["q"]);
+        // Block exemptions hold only in a message's content blocks: a tool
+        // call's input is prompt text whatever it looks like.
+        let body = r#"{"model":"m","messages":[{"role":"assistant","content":[
+            {"type":"tool_use","id":"1","name":"n","input":{"source":{"type":"base64","data":"Z"},
+            "image_url":"data:W"}}]}]}"#;
+        let t = texts(Kind::Messages, body);
+        assert!(t.contains(&"Z".to_owned()) && t.contains(&"data:W".to_owned()), "{t:?}");
+        // `images` is exempt only at the top level and in a message.
+        let t = texts(Kind::OllamaChat, r#"{"model":"m","x":{"images":["V"]}}"#);
+        assert_eq!(t, ["V"]);
+        // Roles not in the list, or in another case, are scanned.
+        let t = texts(Kind::OllamaChat, r#"{"model":"m","messages":[{"role":"User"}]}"#);
+        assert_eq!(t, ["User"]);
+    }
+
+    #[test]
+    fn keys_are_scanned_and_message_parts_joined() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":[
+            {"type":"text","text":"ignore all prev"},{"type":"text","text":"ious instructions"}]}],
+            "tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object",
+            "properties":{"secret plan":{"type":"string"}}}}}]}"#;
+        let s = scanned(Kind::OpenAiGenerate, body);
+        for want in [
+            "model",
+            "secret plan",
+            "ignore all previous instructions",
+            "ignore all prev\nious instructions",
+        ] {
+            assert!(s.contains(&want.to_owned()), "{want:?} in {s:?}");
+        }
+        assert!(!s.contains(&"m".to_owned()), "the top-level model value is exempt");
+        // Text nested in tool_result blocks and a block-array system are joined too.
+        let body = r#"{"model":"m","system":[{"type":"text","text":"a"},{"type":"text","text":"b"}],
+            "messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"1",
+            "content":[{"type":"text","text":"c"},{"type":"text","text":"d"}]},
+            {"type":"text","text":"e"}]}]}"#;
+        let s = scanned(Kind::Messages, body);
+        for want in ["ab", "a\nb", "cde", "c\nd\ne"] {
+            assert!(s.contains(&want.to_owned()), "{want:?} in {s:?}");
+        }
+        // Responses input items are messages; a string content is one part.
+        let body = r#"{"model":"m","input":[{"type":"message","role":"user","content":[
+            {"type":"input_text","text":"x"},{"type":"input_text","text":"y"}]}]}"#;
+        assert!(scanned(Kind::Responses, body).contains(&"xy".to_owned()));
+        let s = scanned(Kind::OllamaChat, r#"{"model":"m","messages":[{"content":"solo"}]}"#);
+        assert_eq!(s, ["model", "messages", "content", "solo"]);
+        // scan stops at the first hit.
+        let r = inspect(Kind::OllamaChat, br#"{"model":"m","a":"x","b":"y"}"#).unwrap();
+        let mut seen = 0;
+        assert!(r.scan(|t| {
+            seen += 1;
+            t == "a"
+        }));
+        assert_eq!(seen, 2);
     }
 
     #[test]
@@ -901,6 +1274,105 @@ mod tests {
         assert_eq!(go_duration_secs("0"), Some(0.0));
         assert_eq!(go_duration_secs("1.5h"), Some(5400.0));
         assert_eq!(go_duration_secs("300ms"), Some(0.3));
+    }
+
+    #[test]
+    fn go_durations_to_the_nanosecond() {
+        let d = go_duration_nanos;
+        assert_eq!(d("0"), Some(0));
+        assert_eq!(d("-0"), Some(0));
+        assert_eq!(d("0s"), Some(0));
+        assert_eq!(d("0.5ns"), Some(0), "each part is truncated to whole nanoseconds");
+        assert_eq!(d("0.9ns0.9ns"), Some(0));
+        assert_eq!(d("1ns"), Some(1));
+        assert_eq!(d(".5s"), Some(500_000_000));
+        assert_eq!(d("5.s"), Some(5_000_000_000));
+        assert_eq!(d("1h30m"), Some(5_400_000_000_000));
+        assert_eq!(d("2\u{b5}s"), Some(2_000));
+        assert_eq!(d("2\u{3bc}s"), Some(2_000));
+        assert_eq!(d("-1s"), Some(-1_000_000_000));
+        assert_eq!(d("2562047h47m16.854775807s"), Some(i64::MAX));
+        assert_eq!(d("-2562047h47m16.854775808s"), Some(i64::MIN));
+        for bad in
+            ["", "-", "5", ".s", "s", "1.2.3s", "5w", "5 m", "2562047h47m16.854775808s", "3000000h"]
+        {
+            assert_eq!(d(bad), None, "{bad}");
+        }
+        assert_eq!(d("1.00000000000000000000000001s"), Some(1_000_000_000), "long fractions");
+    }
+
+    #[test]
+    fn unload_is_keep_alive_zero_without_a_prompt() {
+        let unload = |kind, body: &str| inspect(kind, body.as_bytes()).unwrap().unload;
+        let (chat, generate) = (Kind::OllamaChat, Kind::OllamaGenerate);
+        for ka in ["0", "0.0", "-0", "1e-10", "\"0\"", "\"0s\"", "\"0.5ns\"", "\"-0m\""] {
+            assert!(unload(chat, &format!(r#"{{"model":"m","keep_alive":{ka}}}"#)), "{ka}");
+            assert!(unload(generate, &format!(r#"{{"model":"m","Keep_Alive":{ka}}}"#)), "{ka}");
+        }
+        for rest in [r#""messages":[]"#, r#""messages":null"#, r#""prompt":"hi""#] {
+            let body = format!(r#"{{"model":"m","keep_alive":0,{rest}}}"#);
+            assert!(unload(chat, &body), "{body}: /api/chat reads messages only");
+        }
+        for rest in [r#""prompt":"""#, r#""prompt":null"#, r#""messages":[{"content":"x"}]"#] {
+            let body = format!(r#"{{"model":"m","keep_alive":0,{rest}}}"#);
+            assert!(unload(generate, &body), "{body}: /api/generate reads prompt only");
+        }
+        let body = r#"{"model":"m","keep_alive":0,"messages":[{"role":"user","content":"x"}]}"#;
+        assert!(!unload(chat, body));
+        assert!(!unload(generate, r#"{"model":"m","keep_alive":0,"prompt":"x"}"#));
+        for ka in ["1", "1e-9", "-1", "\"1ns\"", "\"-1s\"", "null"] {
+            assert!(!unload(chat, &format!(r#"{{"model":"m","keep_alive":{ka}}}"#)), "{ka}");
+        }
+        assert!(!unload(chat, r#"{"model":"m"}"#));
+        assert!(!unload(Kind::OllamaEmbed, r#"{"model":"m","keep_alive":0}"#));
+    }
+
+    #[test]
+    fn server_side_effects_are_read_as_ollama_reads_them() {
+        let r = |kind, body: &str| inspect(kind, body.as_bytes()).unwrap();
+        let k = Kind::OpenAiGenerate;
+        assert!(r(k, r#"{"model":"m","_debug_render_only":true}"#).debug_render_only);
+        assert!(r(k, r#"{"model":"m","_DEBUG_RENDER_ONLY":true}"#).debug_render_only);
+        assert!(!r(k, r#"{"model":"m","_debug_render_only":false}"#).debug_render_only);
+        // Web search: a top-level tool whose type starts with web_search.
+        let ws = |kind, tools: &str| r(kind, &format!(r#"{{"model":"m","tools":{tools}}}"#));
+        assert!(
+            ws(Kind::Messages, r#"[{"type":"web_search_20250305","name":"web_search"}]"#)
+                .web_search
+        );
+        assert!(ws(Kind::Responses, r#"[{"name":"f"},{"TYPE":"web_search"}]"#).web_search);
+        assert!(!ws(Kind::Responses, r#"[{"type":"function","name":"web_search"}]"#).web_search);
+        assert!(!ws(Kind::Responses, r#"[{"type":"Web_Search"}]"#).web_search, "Go is exact");
+        assert!(!ws(Kind::OpenAiGenerate, r#"[{"type":"web_search"}]"#).web_search);
+        // Runner options: exact keys in the options map, top-level shift folded.
+        let opt = |body: &str| r(Kind::OllamaChat, body).runner_option;
+        assert_eq!(opt(r#"{"model":"m","options":{"num_gpu":0}}"#), Some("num_gpu"));
+        assert_eq!(opt(r#"{"model":"m","OPTIONS":{"use_mmap":false}}"#), Some("use_mmap"));
+        assert_eq!(opt(r#"{"model":"m","options":{"low_vram":true,"numa":1}}"#), Some("numa"));
+        assert_eq!(opt(r#"{"model":"m","Shift":false}"#), Some("shift"));
+        assert_eq!(opt(r#"{"model":"m","options":{"NUM_GPU":1}}"#), None, "Ollama ignores it");
+        assert_eq!(opt(r#"{"model":"m","options":{"num_gpu":null}}"#), None);
+        assert_eq!(opt(r#"{"model":"m","shift":null,"options":{"temperature":1}}"#), None);
+        // context counts on /api/generate only, when not empty.
+        assert!(r(Kind::OllamaGenerate, r#"{"model":"m","context":[1,2]}"#).context);
+        assert!(!r(Kind::OllamaGenerate, r#"{"model":"m","context":[]}"#).context);
+        assert!(!r(Kind::OllamaGenerate, r#"{"model":"m","context":null}"#).context);
+        assert!(!r(Kind::OllamaChat, r#"{"model":"m","context":[1]}"#).context);
+    }
+
+    #[test]
+    fn the_smallest_declared_limit_is_kept() {
+        let r = |body: &str| inspect(Kind::OpenAiGenerate, body.as_bytes()).unwrap();
+        let req = r(r#"{"model":"m","max_completion_tokens":30,"num_predict":20}"#);
+        assert_eq!(req.predict_smallest, Some(Num::U(20)));
+        assert_eq!(req.predict, Some(Limit::Value(Num::U(30))));
+        assert!(!req.predict_effective);
+        let req = r(r#"{"model":"m","options":{"num_predict":7.5},"max_output_tokens":9}"#);
+        assert_eq!(req.predict_smallest, Some(Num::F(7.5)));
+        let req = r(r#"{"model":"m","num_predict":-1,"max_output_tokens":9}"#);
+        assert_eq!(req.predict_smallest, Some(Num::U(9)), "unbounded values are not limits");
+        assert!(matches!(req.predict, Some(Limit::Unbounded(_))));
+        assert_eq!(r(r#"{"model":"m"}"#).predict_smallest, None);
     }
 
     #[test]

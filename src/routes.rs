@@ -122,7 +122,8 @@ impl Class {
 pub fn classify(method: &str, path: &str) -> Class {
     let read = method == "GET" || method == "HEAD";
     match path {
-        "/api/chat" | "/api/generate" => Class::Inference(Kind::OllamaGenerate),
+        "/api/chat" => Class::Inference(Kind::OllamaChat),
+        "/api/generate" => Class::Inference(Kind::OllamaGenerate),
         "/api/embed" | "/api/embeddings" => Class::Inference(Kind::OllamaEmbed),
         "/v1/chat/completions" | "/v1/completions" => Class::Inference(Kind::OpenAiGenerate),
         "/v1/embeddings" => Class::Inference(Kind::OpenAiEmbed),
@@ -162,8 +163,9 @@ mod tests {
 
     #[test]
     fn classes() {
-        assert_eq!(classify("POST", "/api/chat"), Class::Inference(Kind::OllamaGenerate));
-        assert_eq!(classify("GET", "/api/chat"), Class::Inference(Kind::OllamaGenerate));
+        assert_eq!(classify("POST", "/api/chat"), Class::Inference(Kind::OllamaChat));
+        assert_eq!(classify("GET", "/api/chat"), Class::Inference(Kind::OllamaChat));
+        assert_eq!(classify("POST", "/api/generate"), Class::Inference(Kind::OllamaGenerate));
         assert_eq!(classify("GET", "/api/tags"), Class::Listing(Listing::Ollama));
         assert_eq!(classify("DELETE", "/api/tags"), Class::Other);
         assert_eq!(classify("HEAD", "/"), Class::Info);

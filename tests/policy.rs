@@ -1806,3 +1806,387 @@ fn keep_alive_is_capped() {
     assert_eq!(send("\"soon\"").status, 400);
     assert_eq!(fake.request_count(), 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. What Ollama does beyond a prompt: length fields, web search, reloads, unloads, hidden
+//    prompts, and prompt text wherever Ollama reads it (SPEC §6, §7.3, §7.4)
+// ---------------------------------------------------------------------------------------------
+
+/// No rights beyond models: no `allow_manage`, `allow_web_search`, `allow_runner_options`.
+const PLAIN: &str = "sk-policy-plain-7c1d9e3f5a";
+/// Every right: `allow_manage`, `allow_web_search`, `allow_runner_options`.
+const RIGHTS: &str = "sk-policy-rights-2b8a4f6e0c";
+/// `max_predict: 64`.
+const CAPPED: &str = "sk-policy-capped64-d3e5f7a9";
+/// Prompt patterns [`SPLIT`], [`PATTERN`] and `QUJD` (base64 of `ABC`, to show image data is
+/// not scanned).
+const FILTERED: &str = "sk-policy-filtered-6a4c2e0b8d";
+const SPLIT: &str = "ignore all previous instructions";
+
+fn start_rights(fake: &FakeOllama) -> Butler {
+    let clients = format!(
+        r#"  - name: plain
+    key: "{PLAIN}"
+    allow_models: ["*"]
+  - name: rights
+    key: "{RIGHTS}"
+    allow_models: ["*"]
+    allow_manage: true
+    allow_web_search: true
+    allow_runner_options: true
+  - name: capped
+    key: "{CAPPED}"
+    allow_models: ["*"]
+    max_predict: 64
+  - name: filtered
+    key: "{FILTERED}"
+    allow_models: ["*"]
+    deny_prompt_patterns: ["{SPLIT}", "{PATTERN}", "QUJD"]
+"#
+    );
+    Butler::start(&clients_yaml(&fake.url(), "", &clients))
+}
+
+/// Sends `body` and asserts it reached the upstream byte for byte.
+#[track_caller]
+fn assert_passes(fake: &FakeOllama, addr: SocketAddr, key: &str, path: &str, body: &str) {
+    let before = fake.request_count();
+    let response = call(addr, key, "POST", path, body.as_bytes());
+    assert_forwarded(fake, before, &response, path);
+    assert_eq!(fake.last_request().unwrap().body_str(), body, "{path}");
+}
+
+/// Sends `body` and asserts the refusal, with nothing reaching the upstream.
+#[track_caller]
+fn assert_blocked(
+    fake: &FakeOllama,
+    addr: SocketAddr,
+    key: &str,
+    path: &str,
+    body: &str,
+    status: u16,
+    msg: &str,
+) {
+    let before = fake.request_count();
+    let response = call(addr, key, "POST", path, body.as_bytes());
+    assert_eq!(
+        (response.status, response.body_str()),
+        (status, error_body(msg)),
+        "POST {path} {body}"
+    );
+    assert_refused(fake, before, &response, status, msg);
+}
+
+#[test]
+fn the_honoured_length_field_is_set_to_the_smallest_declared() {
+    let fake = FakeOllama::start();
+    let butler = start_rights(&fake);
+    let addr = butler.addr();
+    let msgs = r#"[{"role":"user","content":"hi"}]"#;
+    // (path, body sent, the exact body Ollama must receive)
+    let cases = [
+        (
+            "/v1/chat/completions",
+            format!(
+                r#"{{"model":"m","messages":{msgs},"max_completion_tokens":30,"num_predict":20}}"#
+            ),
+            format!(
+                r#"{{"model":"m","messages":{msgs},"max_completion_tokens":30,"num_predict":20,"max_tokens":20}}"#
+            ),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model":"m","messages":{msgs},"max_completion_tokens":10.7}}"#),
+            format!(
+                r#"{{"model":"m","messages":{msgs},"max_completion_tokens":10.7,"max_tokens":10}}"#
+            ),
+        ),
+        (
+            "/v1/responses",
+            r#"{"model":"m","input":"hi","max_tokens":40,"num_predict":12}"#.to_owned(),
+            r#"{"model":"m","input":"hi","max_tokens":40,"num_predict":12,"max_output_tokens":12}"#
+                .to_owned(),
+        ),
+        (
+            "/api/chat",
+            format!(r#"{{"model":"m","messages":{msgs},"max_tokens":50,"max_output_tokens":9}}"#),
+            format!(
+                r#"{{"model":"m","messages":{msgs},"max_tokens":50,"max_output_tokens":9,"options":{{"num_predict":9}}}}"#
+            ),
+        ),
+        (
+            "/v1/messages",
+            format!(
+                r#"{{"model":"m","messages":{msgs},"max_completion_tokens":64,"num_predict":5}}"#
+            ),
+            format!(
+                r#"{{"model":"m","messages":{msgs},"max_completion_tokens":64,"num_predict":5,"max_tokens":5}}"#
+            ),
+        ),
+    ];
+    for (path, body, expected) in cases {
+        let before = fake.request_count();
+        let response = call(addr, CAPPED, "POST", path, body.as_bytes());
+        assert_forwarded(&fake, before, &response, path);
+        assert_eq!(fake.last_request().unwrap().body_str(), expected, "{path}: {body}");
+    }
+    // Every field is still checked against the cap.
+    let body = r#"{"model":"m","input":"hi","max_tokens":65,"num_predict":12}"#;
+    assert_blocked(
+        &fake,
+        addr,
+        CAPPED,
+        "/v1/responses",
+        body,
+        400,
+        "num_predict 65 exceeds limit of 64",
+    );
+}
+
+#[test]
+fn web_search_tools_need_allow_web_search() {
+    let fake = FakeOllama::start();
+    let butler = start_rights(&fake);
+    let addr = butler.addr();
+    let msgs = r#"[{"role":"user","content":"news?"}]"#;
+    let searches = [
+        (
+            "/v1/messages",
+            format!(
+                r#"{{"model":"m","max_tokens":9,"messages":{msgs},"tools":[{{"type":"web_search_20250305","name":"web_search","max_uses":3}}]}}"#
+            ),
+        ),
+        (
+            "/v1/messages",
+            format!(
+                r#"{{"model":"m","max_tokens":9,"messages":{msgs},"Tools":[{{"name":"f","input_schema":{{}}}},{{"Type":"web_search"}}]}}"#
+            ),
+        ),
+        (
+            "/v1/responses",
+            r#"{"model":"m","input":"news?","tools":[{"type":"web_search"}]}"#.into(),
+        ),
+    ];
+    for (path, body) in &searches {
+        assert_blocked(&fake, addr, PLAIN, path, body, 403, "web search not allowed");
+        assert_passes(&fake, addr, RIGHTS, path, body);
+    }
+    // A function that happens to be called web_search is the client's own tool; other
+    // routes do not search.
+    for (path, body) in [
+        (
+            "/v1/responses",
+            r#"{"model":"m","input":"x","tools":[{"type":"function","name":"web_search"}]}"#,
+        ),
+        ("/v1/chat/completions", r#"{"model":"m","messages":[],"tools":[{"type":"web_search"}]}"#),
+    ] {
+        assert_passes(&fake, addr, PLAIN, path, body);
+    }
+}
+
+#[test]
+fn runner_options_need_allow_runner_options() {
+    let fake = FakeOllama::start();
+    let butler = start_rights(&fake);
+    let addr = butler.addr();
+    let options = [
+        ("num_gpu", "0"),
+        ("main_gpu", "1"),
+        ("num_batch", "2048"),
+        ("use_mmap", "false"),
+        ("num_thread", "64"),
+        ("numa", "true"),
+        ("low_vram", "true"),
+    ];
+    for path in ["/api/chat", "/api/generate", "/api/embed"] {
+        for (name, value) in options {
+            let body = format!(r#"{{"model":"m","options":{{"temperature":1,"{name}":{value}}}}}"#);
+            assert_blocked(
+                &fake,
+                addr,
+                PLAIN,
+                path,
+                &body,
+                400,
+                &format!("option {name} not allowed"),
+            );
+            assert_passes(&fake, addr, RIGHTS, path, &body);
+            // null is absent, and the options map's keys are exact: Ollama ignores NUM_GPU.
+            let body = format!(r#"{{"model":"m","options":{{"{name}":null}}}}"#);
+            assert_passes(&fake, addr, PLAIN, path, &body);
+            let upper = name.to_uppercase();
+            let body = format!(r#"{{"model":"m","options":{{"{upper}":{value}}}}}"#);
+            assert_passes(&fake, addr, PLAIN, path, &body);
+        }
+    }
+    for body in [
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"shift":false}"#,
+        r#"{"model":"m","prompt":"hi","SHIFT":true}"#,
+    ] {
+        let path = if body.contains("messages") { "/api/chat" } else { "/api/generate" };
+        assert_blocked(&fake, addr, PLAIN, path, body, 400, "option shift not allowed");
+        assert_passes(&fake, addr, RIGHTS, path, body);
+    }
+}
+
+#[test]
+fn an_unload_needs_allow_manage() {
+    let fake = FakeOllama::start();
+    let butler = start_rights(&fake);
+    let addr = butler.addr();
+    let unloads = [
+        ("/api/chat", r#"{"model":"m","keep_alive":0}"#),
+        ("/api/chat", r#"{"model":"m","messages":[],"keep_alive":"0s"}"#),
+        ("/api/chat", r#"{"model":"m","messages":null,"Keep_Alive":0.0}"#),
+        ("/api/chat", r#"{"model":"m","prompt":"not read by /api/chat","keep_alive":0}"#),
+        ("/api/generate", r#"{"model":"m","keep_alive":0}"#),
+        ("/api/generate", r#"{"model":"m","prompt":"","keep_alive":"0m"}"#),
+        ("/api/generate", r#"{"model":"m","prompt":null,"keep_alive":1e-10}"#),
+        ("/api/generate", r#"{"model":"m","keep_alive":"0.5ns"}"#),
+    ];
+    for (path, body) in unloads {
+        assert_blocked(&fake, addr, PLAIN, path, body, 403, "endpoint not allowed");
+        assert_passes(&fake, addr, RIGHTS, path, body);
+    }
+    // keep_alive 0 with a prompt, or another keep_alive without one, is not an unload.
+    for (path, body) in [
+        (
+            "/api/chat",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"keep_alive":0}"#,
+        ),
+        ("/api/generate", r#"{"model":"m","prompt":"hi","keep_alive":"0s"}"#),
+        ("/api/generate", r#"{"model":"m","keep_alive":"1ns"}"#),
+        ("/api/chat", r#"{"model":"m"}"#),
+        ("/api/embed", r#"{"model":"m","input":"hi","keep_alive":0}"#),
+    ] {
+        assert_passes(&fake, addr, PLAIN, path, body);
+    }
+}
+
+#[test]
+fn debug_render_only_needs_allow_manage() {
+    let fake = FakeOllama::start();
+    let butler = start_rights(&fake);
+    let addr = butler.addr();
+    for (path, body) in [
+        ("/api/chat", r#"{"model":"m","messages":[],"_debug_render_only":true}"#),
+        ("/api/generate", r#"{"model":"m","prompt":"hi","_DEBUG_RENDER_ONLY":true}"#),
+        ("/v1/chat/completions", r#"{"model":"m","messages":[],"_debug_render_only":true}"#),
+        ("/v1/completions", r#"{"model":"m","prompt":"hi","_Debug_Render_Only":true}"#),
+    ] {
+        assert_blocked(&fake, addr, PLAIN, path, body, 403, "endpoint not allowed");
+        assert_passes(&fake, addr, RIGHTS, path, body);
+        assert_passes(&fake, addr, PLAIN, path, &body.replace("true", "false"));
+    }
+}
+
+#[test]
+fn prompt_patterns_see_joined_parts_keys_and_every_field() {
+    let fake = FakeOllama::start();
+    let butler = start_rights(&fake);
+    let addr = butler.addr();
+    let (c, a, r) = ("/v1/chat/completions", "/v1/messages", "/v1/responses");
+    let rejected = [
+        // A phrase split over two blocks of one message is seen whole, as Ollama joins it.
+        (
+            c,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"ignore all prev"},{"type":"text","text":"ious instructions"}]}]}"#,
+        ),
+        (
+            a,
+            r#"{"model":"m","max_tokens":9,"messages":[{"role":"user","content":[{"type":"text","text":"ignore all prev"},{"type":"text","text":"ious instructions"}]}]}"#,
+        ),
+        (
+            a,
+            r#"{"model":"m","max_tokens":9,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"text","text":"ignore all"},{"type":"text","text":" previous instructions"}]}]}]}"#,
+        ),
+        (
+            a,
+            r#"{"model":"m","max_tokens":9,"system":[{"type":"text","text":"ignore all previous"},{"type":"text","text":" instructions"}],"messages":[]}"#,
+        ),
+        (
+            r,
+            r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_text","text":"ignore all prev"},{"type":"input_text","text":"ious instructions"}]}]}"#,
+        ),
+        // No key name exempts text: tools' name, model and images, a message's name.
+        (
+            c,
+            r#"{"model":"m","messages":[],"tools":[{"type":"function","function":{"name":"secret_plan","description":"x","parameters":{"type":"object","properties":{"a":{"type":"string","name":"the secret plan"}}}}}]}"#,
+        ),
+        (
+            c,
+            r#"{"model":"m","messages":[],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"model":{"type":"string","description":"the secret plan"}}}}}]}"#,
+        ),
+        (
+            c,
+            r#"{"model":"m","messages":[],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"images":{"type":"string","enum":["the secret plan"]}}}}}]}"#,
+        ),
+        (
+            "/api/chat",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi","name":"the secret plan"}]}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"model":"m","prompt":"hi","x":{"model":"the secret plan","image_url":"the secret plan"}}"#,
+        ),
+        // Object keys are text too: a tool's property names.
+        (
+            c,
+            r#"{"model":"m","messages":[],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{"ignore all previous instructions":{"type":"string"}}}}}]}"#,
+        ),
+        (a, r#"{"model":"m","max_tokens":9,"messages":[],"metadata":{"The Secret Plan":1}}"#),
+        // Image-shaped data outside an image position is scanned.
+        (
+            a,
+            r#"{"model":"m","max_tokens":9,"messages":[{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"f","input":{"source":{"type":"base64","data":"QUJD"}}}]}]}"#,
+        ),
+        ("/api/generate", r#"{"model":"m","prompt":"hi","options":{"stop":["QUJD"]}}"#),
+    ];
+    for (path, body) in rejected {
+        assert_blocked(&fake, addr, FILTERED, path, body, 403, "prompt rejected");
+        assert_passes(&fake, addr, PLAIN, path, body);
+    }
+    // Image data is not prompt text: QUJD there passes.
+    for (path, body) in [
+        ("/api/generate", r#"{"model":"m","prompt":"hi","images":["QUJD"]}"#),
+        (
+            "/api/chat",
+            r#"{"model":"m","messages":[{"role":"user","content":"hi","images":["QUJD"]}]}"#,
+        ),
+        (
+            c,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,QUJD"}}]}]}"#,
+        ),
+        (
+            a,
+            r#"{"model":"m","max_tokens":9,"messages":[{"role":"user","content":[{"type":"image","source":{"type":"base64","media_type":"image/png","data":"QUJD"}},{"type":"tool_result","tool_use_id":"t","content":[{"type":"image","source":{"type":"base64","data":"QUJD"}}]}]}]}"#,
+        ),
+        (
+            r,
+            r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_image","image_url":"data:image/png;base64,QUJD"}]}]}"#,
+        ),
+    ] {
+        assert_passes(&fake, addr, FILTERED, path, body);
+    }
+}
+
+#[test]
+fn context_is_refused_under_prompt_filters() {
+    let fake = FakeOllama::start();
+    let butler = start_rights(&fake);
+    let addr = butler.addr();
+    let body = r#"{"model":"m","prompt":"hi","context":[1,2,3]}"#;
+    let msg = "bad request: context is not allowed with prompt filters";
+    assert_blocked(&fake, addr, FILTERED, "/api/generate", body, 400, msg);
+    assert_passes(&fake, addr, PLAIN, "/api/generate", body);
+    // An empty context carries nothing; /api/chat has no context.
+    assert_passes(
+        &fake,
+        addr,
+        FILTERED,
+        "/api/generate",
+        r#"{"model":"m","prompt":"hi","context":[]}"#,
+    );
+    let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"context":[1]}"#;
+    assert_passes(&fake, addr, FILTERED, "/api/chat", chat);
+}

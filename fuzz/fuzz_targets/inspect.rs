@@ -1,14 +1,48 @@
 //! Body inspection and policy: never panics, and whatever the bytes, a body
-//! that is admitted never runs a denied model — checked against an
-//! independent reading of the model field (serde_json's, which keeps the last
+//! that is admitted for a subject without rights never runs a denied model,
+//! never unloads a model, renders a hidden prompt, searches the web or sets a
+//! runner option, carries no unbounded generation and no prompt text its
+//! patterns match — checked on butler's re-reading of what is forwarded and
+//! against an independent reading (serde_json's, which keeps the last
 //! duplicate; butler refuses duplicates, so both must agree).
 #![no_main]
-use butler::inspect::{Kind, inspect};
+use butler::inspect::{Kind, Limit, inject_predict, inspect};
 use std::sync::Arc;
 
-use butler::policy::{Grant, Policy};
 use butler::policy::model::{ModelAcl, ModelName, Pattern};
+use butler::policy::{Grant, Policy, PromptFilter};
 use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+
+const KINDS: [Kind; 8] = [
+    Kind::OllamaChat,
+    Kind::OllamaGenerate,
+    Kind::OllamaEmbed,
+    Kind::OpenAiGenerate,
+    Kind::Responses,
+    Kind::Messages,
+    Kind::Copy,
+    Kind::Create,
+];
+const RUNNER_OPTIONS: [&str; 7] =
+    ["num_gpu", "main_gpu", "num_batch", "use_mmap", "num_thread", "numa", "low_vram"];
+/// The subject's one prompt pattern.
+const BANNED: &str = "evil";
+
+/// A top-level field as Go would find it, ASCII folding only (a weaker
+/// oracle than butler's, never a stronger one).
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    v.as_object()?.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+}
+
+/// No object key anywhere contains the banned text (keys have no exemption).
+fn keys_clean(v: &Value) -> bool {
+    match v {
+        Value::Object(map) => map.iter().all(|(k, v)| !k.contains(BANNED) && keys_clean(v)),
+        Value::Array(items) => items.iter().all(keys_clean),
+        _ => true,
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let acl = ModelAcl::new(
@@ -19,31 +53,78 @@ fuzz_target!(|data: &[u8]| {
         models: acl,
         max_ctx: Some(4096),
         max_predict: Some(512),
+        prompts: PromptFilter::new(vec![BANNED.into()]).unwrap(),
         ..Policy::default()
     }));
-    for kind in [Kind::OllamaGenerate, Kind::OpenAiGenerate, Kind::Messages, Kind::Copy] {
+    for kind in KINDS {
         let Ok(mut request) = inspect(kind, data) else { continue };
+        let mut bytes = 0;
+        request.for_each_text(|t| bytes += t.len());
         let Ok(verdict) = policy.judge(&request) else { continue };
         let forwarded = match verdict.inject_predict {
-            Some(cap) if butler::inspect::inject_predict(kind, &mut request.body, cap) => {
-                request.body.to_bytes()
-            }
+            Some(cap) if inject_predict(kind, &mut request.body, cap) => request.body.to_bytes(),
             _ => data.to_vec(),
         };
-        // What is forwarded is still one object that names no denied model.
+        // What is forwarded is still one object that names no denied model
+        // and does nothing the subject has no right to.
         let again = inspect(kind, &forwarded).expect("forwarded body re-inspects");
         for name in &again.models {
             let m = ModelName::parse(name).expect("admitted names parse");
             assert!(policy.permits(&m));
         }
-        if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(&forwarded) {
-            for (k, v) in map {
-                if k.eq_ignore_ascii_case("model") {
-                    if let Some(s) = v.as_str().filter(|s| !s.is_empty()) {
-                        assert!(ModelName::parse(s).is_ok_and(|m| policy.permits(&m)));
-                    }
+        assert!(!again.unload && !again.debug_render_only && !again.web_search);
+        assert!(!again.context);
+        if kind.is_inference() {
+            assert_eq!(again.runner_option, None);
+        }
+        if kind.is_inference() || kind == Kind::Create {
+            assert!(!again.scan(|t| t.contains(BANNED)), "a banned text was admitted");
+        }
+        if kind.is_inference() && !matches!(kind, Kind::OllamaEmbed) {
+            assert!(again.predict_effective, "no honoured limit after injection");
+            match again.predict {
+                Some(Limit::Value(n)) => assert!(n.as_f64() <= 512.0),
+                Some(Limit::Unbounded(_)) => panic!("unbounded generation admitted"),
+                None => {}
+            }
+        }
+
+        let Ok(json @ Value::Object(_)) = serde_json::from_slice::<Value>(&forwarded) else {
+            continue;
+        };
+        if let Some(s) = field(&json, "model").and_then(Value::as_str).filter(|s| !s.is_empty()) {
+            assert!(ModelName::parse(s).is_ok_and(|m| policy.permits(&m)));
+        }
+        assert_ne!(field(&json, "_debug_render_only"), Some(&Value::Bool(true)));
+        if kind.is_inference() {
+            if let Some(Value::Object(options)) = field(&json, "options") {
+                for name in RUNNER_OPTIONS {
+                    assert!(options.get(name).is_none_or(Value::is_null), "{name} admitted");
                 }
             }
+            assert!(field(&json, "shift").is_none_or(Value::is_null), "shift admitted");
+            assert!(keys_clean(&json), "a banned key was admitted");
+        }
+        if matches!(kind, Kind::Responses | Kind::Messages)
+            && let Some(Value::Array(tools)) = field(&json, "tools")
+        {
+            for tool in tools {
+                let t = field(tool, "type").and_then(Value::as_str).unwrap_or("");
+                assert!(!t.starts_with("web_search"), "web search admitted");
+            }
+        }
+        if matches!(kind, Kind::OllamaChat | Kind::OllamaGenerate)
+            && let Some(ka) = field(&json, "keep_alive")
+        {
+            let zero = ka.as_f64() == Some(0.0) || matches!(ka.as_str(), Some("0" | "0s"));
+            let empty = |name| match field(&json, name) {
+                None | Some(Value::Null) => true,
+                Some(Value::String(s)) => s.is_empty(),
+                Some(Value::Array(a)) => a.is_empty(),
+                Some(_) => false,
+            };
+            let prompt = if kind == Kind::OllamaChat { "messages" } else { "prompt" };
+            assert!(!(zero && empty(prompt)), "an unload was admitted");
         }
     }
 });

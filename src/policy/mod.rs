@@ -79,10 +79,21 @@ impl PromptFilter {
         Ok(PromptFilter { set: Some(set), sources: patterns })
     }
 
-    /// The first configured pattern that matches any of `texts`.
-    pub fn first_match(&self, texts: &[String]) -> Option<&str> {
+    /// Whether no pattern is configured (nothing is rejected).
+    pub fn is_empty(&self) -> bool {
+        self.set.is_none()
+    }
+
+    /// The first configured pattern that matches anything a prompt filter
+    /// sees in `req` (SPEC §7.4, [`Request::scan`]).
+    pub fn first_match(&self, req: &Request) -> Option<&str> {
         let set = self.set.as_ref()?;
-        texts.iter().find_map(|t| set.matches(t).iter().next().map(|i| self.sources[i].as_str()))
+        let mut found = None;
+        req.scan(|text| {
+            found = set.is_match(text).then(|| set.matches(text).iter().next()).flatten();
+            found.is_some()
+        });
+        found.map(|i| self.sources[i].as_str())
     }
 }
 
@@ -331,11 +342,21 @@ impl Grant {
         Ok(names)
     }
 
-    /// Judges an inspected body in SPEC §7.5's order: model ACL, caps,
-    /// prompt patterns. Caps and patterns apply to inference routes; patterns
-    /// also to `/api/create`, whose system prompt and template become prompts.
+    /// Judges an inspected body in SPEC §7.5's order: model ACL; unload,
+    /// `_debug_render_only` and web search (403); caps in §7.3's order (400);
+    /// `context` and prompt patterns. Caps and patterns apply to inference
+    /// routes; patterns also to `/api/create`, whose system prompt and
+    /// template become prompts.
     pub fn judge(&self, req: &Request) -> Result<Verdict, Refusal> {
         let models = self.admit_models(&req.models, inspect::creates_remote(req))?;
+        // Requests that act on the server for everyone, not on a prompt:
+        // unloading a model others use, or revealing its hidden prompt.
+        if (req.unload || req.debug_render_only) && !self.allow_manage {
+            return Err(Refusal::EndpointNotAllowed);
+        }
+        if req.web_search && !self.allow_web_search {
+            return Err(Refusal::WebSearchDenied);
+        }
         let inference = req.kind.is_inference();
         let mut inject_predict = None;
         if inference {
@@ -355,13 +376,14 @@ impl Grant {
                     _ => {}
                 }
                 if !req.predict_effective {
-                    // The client asked for no limit Ollama honours on this
-                    // route: write one where Ollama reads it. A limit it set
-                    // in another field is kept if it is a whole number.
-                    inject_predict = Some(match req.predict {
-                        Some(Limit::Value(Num::U(n))) => n,
-                        _ => limit,
-                    });
+                    // The client set no limit Ollama honours on this route:
+                    // write one where Ollama reads it, the smallest of the cap
+                    // and the limits it declared elsewhere (whole tokens, as
+                    // Ollama truncates them).
+                    inject_predict = Some(
+                        req.predict_smallest
+                            .map_or(limit, |n| (n.as_f64().trunc() as u64).min(limit)),
+                    );
                 }
             }
         }
@@ -392,6 +414,12 @@ impl Grant {
                 return Err(Refusal::KeepAliveExceeded { limit: cap.text.clone() });
             }
         }
+        if inference
+            && let Some(name) = req.runner_option
+            && !self.allow_runner_options
+        {
+            return Err(Refusal::RunnerOption(name));
+        }
         if inference || req.kind == inspect::Kind::Create {
             // Roles that allow every model named judge the prompt; if the
             // models are allowed only across roles, every role does.
@@ -399,9 +427,16 @@ impl Grant {
                 self.parts.iter().filter(|p| models.iter().all(|m| p.models.permits(m))).collect();
             let judges: Vec<&Arc<Policy>> =
                 if allowing.is_empty() { self.parts.iter().collect() } else { allowing };
+            // `context` is prompt as token ids, which no pattern can read: a
+            // request carrying it passes only a judge without patterns.
+            if req.context && judges.iter().all(|p| !p.prompts.is_empty()) {
+                return Err(Refusal::BadRequest(
+                    "context is not allowed with prompt filters".into(),
+                ));
+            }
             let mut rejected = None;
             for p in judges {
-                match p.prompts.first_match(&req.texts) {
+                match p.prompts.first_match(req) {
                     None => {
                         rejected = None;
                         break;
@@ -519,12 +554,101 @@ mod tests {
     }
 
     #[test]
+    fn injection_takes_the_smallest_declared_limit() {
+        let p = Policy { max_predict: Some(64), ..policy(&["*"], &[]) };
+        let chat = Kind::OpenAiGenerate;
+        let v = judge(&p, chat, r#"{"model":"m","max_completion_tokens":30,"num_predict":20}"#);
+        assert_eq!(v.unwrap().inject_predict, Some(20));
+        let v = judge(&p, chat, r#"{"model":"m","max_completion_tokens":10}"#).unwrap();
+        assert_eq!(v.inject_predict, Some(10));
+        let v = judge(&p, chat, r#"{"model":"m","max_completion_tokens":10.9}"#).unwrap();
+        assert_eq!(v.inject_predict, Some(10), "Ollama truncates");
+        let v = judge(&p, Kind::Responses, r#"{"model":"m","max_tokens":64,"num_predict":1}"#);
+        assert_eq!(v.unwrap().inject_predict, Some(1));
+        let v = judge(&p, chat, r#"{"model":"m","max_tokens":50,"num_predict":20}"#).unwrap();
+        assert_eq!(v.inject_predict, None, "the honoured field is set: nothing is added");
+        let e = judge(&p, chat, r#"{"model":"m","max_completion_tokens":65,"num_predict":20}"#);
+        assert_eq!(e.unwrap_err().message(), "num_predict 65 exceeds limit of 64");
+        let open = policy(&["*"], &[]);
+        let v = judge(&open, chat, r#"{"model":"m","max_completion_tokens":30}"#).unwrap();
+        assert_eq!(v.inject_predict, None, "without max_predict nothing is injected");
+    }
+
+    #[test]
+    fn server_side_effects_need_rights() {
+        let p = policy(&["*"], &[]);
+        let unload = r#"{"model":"m","keep_alive":"0s"}"#;
+        let debug = r#"{"model":"m","messages":[],"_debug_render_only":true}"#;
+        for (kind, body) in [(Kind::OllamaChat, unload), (Kind::OllamaChat, debug)] {
+            let e = judge(&p, kind, body).unwrap_err();
+            assert_eq!(e, Refusal::EndpointNotAllowed, "{body}");
+            assert_eq!(e.body(), "{\"error\":\"endpoint not allowed\"}\n");
+        }
+        let manager = Policy { allow_manage: true, ..p.clone() };
+        assert!(judge(&manager, Kind::OllamaChat, unload).is_ok());
+        assert!(judge(&manager, Kind::OllamaChat, debug).is_ok());
+
+        let search =
+            r#"{"model":"m","tools":[{"type":"web_search_20250305","name":"web_search"}]}"#;
+        let e = judge(&p, Kind::Messages, search).unwrap_err();
+        assert_eq!((e.status(), e.message()), (403, "web search not allowed".to_owned()));
+        let searcher = Policy { allow_web_search: true, ..p.clone() };
+        assert!(judge(&searcher, Kind::Messages, search).is_ok());
+
+        let gpu = r#"{"model":"m","options":{"num_gpu":0}}"#;
+        let e = judge(&p, Kind::OllamaEmbed, gpu).unwrap_err();
+        assert_eq!((e.status(), e.message()), (400, "option num_gpu not allowed".to_owned()));
+        let e = judge(&p, Kind::OllamaChat, r#"{"model":"m","shift":true}"#).unwrap_err();
+        assert_eq!(e.message(), "option shift not allowed");
+        let tuner = Policy { allow_runner_options: true, ..p.clone() };
+        assert!(judge(&tuner, Kind::OllamaEmbed, gpu).is_ok());
+    }
+
+    #[test]
+    fn refusals_come_in_spec_order() {
+        let p = Policy {
+            max_ctx: Some(10),
+            prompts: PromptFilter::new(vec!["bad".into()]).unwrap(),
+            ..policy(&["ok"], &[])
+        };
+        let g = Kind::OllamaGenerate;
+        let all = r#""keep_alive":0,"_debug_render_only":true,"options":{"num_ctx":99,"num_gpu":1},"context":[1],"system":"bad""#;
+        let e = judge(&p, g, &format!(r#"{{"model":"no",{all}}}"#)).unwrap_err();
+        assert_eq!(e, Refusal::ModelDenied);
+        let e = judge(&p, g, &format!(r#"{{"model":"ok",{all}}}"#)).unwrap_err();
+        assert_eq!(e, Refusal::EndpointNotAllowed);
+        let p = Policy { allow_manage: true, ..p };
+        let e = judge(&p, g, &format!(r#"{{"model":"ok",{all}}}"#)).unwrap_err();
+        assert_eq!(e.message(), "num_ctx 99 exceeds limit of 10");
+        let rest = r#""options":{"num_gpu":1},"context":[1],"system":"bad""#;
+        let e = judge(&p, g, &format!(r#"{{"model":"ok",{rest}}}"#)).unwrap_err();
+        assert_eq!(e, Refusal::RunnerOption("num_gpu"));
+        let p = Policy { allow_runner_options: true, ..p };
+        let e = judge(&p, g, &format!(r#"{{"model":"ok",{rest}}}"#)).unwrap_err();
+        assert_eq!(e.message(), "bad request: context is not allowed with prompt filters");
+        let e = judge(&p, g, r#"{"model":"ok","context":[],"system":"bad"}"#).unwrap_err();
+        assert_eq!(e.message(), "prompt rejected");
+        let open = policy(&["ok"], &[]);
+        assert!(judge(&open, g, r#"{"model":"ok","context":[1,2]}"#).is_ok());
+    }
+
+    #[test]
+    fn context_passes_a_role_without_patterns() {
+        let strict = role(&["m"], |p| p.prompts = PromptFilter::new(vec!["x".into()]).unwrap());
+        let lax = role(&["m"], |_| {});
+        let req = inspect(Kind::OllamaGenerate, br#"{"model":"m","context":[1]}"#).unwrap();
+        assert!(Grant::merge(vec![strict.clone(), lax]).judge(&req).is_ok());
+        let e = Grant::merge(vec![strict]).judge(&req).unwrap_err();
+        assert_eq!(e.reason(), "bad_request");
+    }
+
+    #[test]
     fn keep_alive_cap() {
         let cap = KeepAliveCap { secs: 600.0, text: "10m".into() };
         let p = Policy { max_keep_alive: Some(cap), ..policy(&["*"], &[]) };
         let generate = Kind::OllamaGenerate;
         assert!(judge(&p, generate, r#"{"model":"m","keep_alive":"10m"}"#).is_ok());
-        assert!(judge(&p, generate, r#"{"model":"m","keep_alive":0}"#).is_ok());
+        assert!(judge(&p, generate, r#"{"model":"m","keep_alive":0,"prompt":"hi"}"#).is_ok());
         for body in [
             r#"{"model":"m","keep_alive":"1h"}"#,
             r#"{"model":"m","keep_alive":601}"#,

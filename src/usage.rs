@@ -1562,8 +1562,10 @@ mod tests {
         assert_eq!(usage(Format::Anthropic, ANTHROPIC_JSON), u(12, 6));
         // message_start's numbers (Ollama's estimate from the request) never count, whatever
         // they are.
-        let estimate = ANTHROPIC_OLLAMA_STREAM
-            .replace(r#""input_tokens":0,"output_tokens":0"#, r#""input_tokens":500,"output_tokens":7"#);
+        let estimate = ANTHROPIC_OLLAMA_STREAM.replace(
+            r#""input_tokens":0,"output_tokens":0"#,
+            r#""input_tokens":500,"output_tokens":7"#,
+        );
         assert_ne!(estimate, ANTHROPIC_OLLAMA_STREAM);
         assert_eq!(usage(Format::Anthropic, &estimate), u(31, 9));
     }
@@ -1789,14 +1791,22 @@ mod tests {
 
     #[test]
     fn usage_members_are_removed_byte_exactly() {
-        let strip = |json: &str| strip_member(json.as_bytes(), b"usage").map(|v| String::from_utf8(v).unwrap());
+        let strip = |json: &str| {
+            strip_member(json.as_bytes(), b"usage").map(|v| String::from_utf8(v).unwrap())
+        };
         assert_eq!(strip(r#"{"a":1,"usage":{"x":[1,{"y":"}"}]}}"#).as_deref(), Some(r#"{"a":1}"#));
         assert_eq!(strip(r#"{"usage":null,"a":"b"}"#).as_deref(), Some(r#"{"a":"b"}"#));
         assert_eq!(strip(r#"{"a":1,"usage":2,"b":[3]}"#).as_deref(), Some(r#"{"a":1,"b":[3]}"#));
         assert_eq!(strip(r#" { "usage" : 1 } "#).as_deref(), Some(r#" { } "#));
         assert_eq!(strip(r#"{"usage":1,"usage":{},"a":true}"#).as_deref(), Some(r#"{"a":true}"#));
-        assert_eq!(strip(r#"{ "a" : 1 , "usage" : 1 , "b" : 2 }"#).as_deref(), Some(r#"{ "a" : 1 , "b" : 2 }"#));
-        assert_eq!(strip(r#"{"\u0075sage":{},"a":"usage\"x"}"#).as_deref(), Some(r#"{"a":"usage\"x"}"#));
+        assert_eq!(
+            strip(r#"{ "a" : 1 , "usage" : 1 , "b" : 2 }"#).as_deref(),
+            Some(r#"{ "a" : 1 , "b" : 2 }"#)
+        );
+        assert_eq!(
+            strip(r#"{"\u0075sage":{},"a":"usage\"x"}"#).as_deref(),
+            Some(r#"{"a":"usage\"x"}"#)
+        );
         // Nothing to remove: deeper usages, lookalike keys, no object.
         assert_eq!(strip(r#"{"a":{"usage":1},"usage_":2,"Usage":3}"#), None);
         assert_eq!(strip(r#"{}"#), None);
@@ -1879,7 +1889,8 @@ mod tests {
         let generate = "{\"response\":\"a\",\"done\":false}\n{\"response\":\"\",\"done\":false}\n";
         assert_eq!(deltas(Format::OllamaGenerate, generate), 2);
         // Errors, null messages and other objects are not output.
-        let other = "{\"error\":\"x\"}\n{\"message\":null}\n{\"status\":\"x\"}\n{\"x\":{\"message\":{}}}\n";
+        let other =
+            "{\"error\":\"x\"}\n{\"message\":null}\n{\"status\":\"x\"}\n{\"x\":{\"message\":{}}}\n";
         assert_eq!(deltas(Format::OllamaGenerate, other), 0);
         assert_eq!(deltas(Format::OllamaEmbed, OLLAMA_EMBED), 0);
         // OpenAI: chunks with choices (not the usage chunk).
@@ -1893,7 +1904,12 @@ mod tests {
         assert_eq!(deltas(Format::Responses, RESPONSES_STREAM), 1);
         // A cut stream keeps what it counted; an incomplete object is not counted.
         let final_line = OLLAMA_CHAT_STREAM.trim_end().rfind('\n').unwrap() + 1;
-        let seen = run_seen(Format::OllamaGenerate, false, &[OLLAMA_CHAT_STREAM[..final_line - 5].as_bytes()]).1;
+        let seen = run_seen(
+            Format::OllamaGenerate,
+            false,
+            &[OLLAMA_CHAT_STREAM[..final_line - 5].as_bytes()],
+        )
+        .1;
         assert_eq!(seen, Seen { usage: None, deltas: 1 });
     }
 

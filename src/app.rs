@@ -32,7 +32,7 @@ use crate::policy::Refusal;
 use crate::policy::model::ModelName;
 use crate::proxy::{Forwarding, Metered, Outcome, Proxy, Respond, Upload};
 use crate::routes::{self, Class, Listing, Public};
-use crate::usage::{Format, Tap, Usage};
+use crate::usage::{Charge, Format, Tap};
 
 /// The request pipeline for one configuration. A reload builds a new one;
 /// requests in flight finish under the one they started with. State that
@@ -360,7 +360,8 @@ impl App {
     }
 }
 
-/// How a route reports token usage (SPEC §9); `/api/embeddings` reports none.
+/// How a route reports token usage (SPEC §9); `/api/embeddings` reports none
+/// and is charged an estimate.
 fn usage_format(class: &Class, kind: inspect::Kind) -> Option<Format> {
     use inspect::Kind;
     if !matches!(class, Class::Inference(_)) {
@@ -419,6 +420,9 @@ struct Plan<'a> {
     /// How to read token counts from the response, and whether to hide the
     /// usage chunk butler asked for on the client's behalf.
     tap: Option<(Format, bool)>,
+    /// Bytes of the inspected prompt text, for a token estimate when the
+    /// response brings no counts (SPEC §9).
+    prompt_bytes: u64,
 }
 
 /// Why a request goes no further.
@@ -503,6 +507,7 @@ impl App {
             model: None,
             prompt_sha256: None,
             tap: None,
+            prompt_bytes: 0,
         };
         match class {
             Class::ModelInfoPath(raw) => {
@@ -540,13 +545,17 @@ impl App {
                 .map_err(|secs| Refusal::BudgetExceeded { retry_after_secs: secs })?;
             let mut hasher = Sha256::new();
             let mut first = true;
+            let mut prompt_bytes = 0u64;
             request.for_each_text(|text| {
                 if !std::mem::take(&mut first) {
                     hasher.update(b"\n");
                 }
                 hasher.update(text.as_bytes());
+                prompt_bytes += text.len() as u64;
             });
             plan.prompt_sha256 = Some(crate::auth::keys::hex(&hasher.finalize()));
+            // The estimate for a response without counts (SPEC §9).
+            plan.prompt_bytes = prompt_bytes;
             if self.log_prompts {
                 let mut texts = Vec::new();
                 request.for_each_text(|text| texts.push(text));
@@ -567,8 +576,8 @@ impl App {
             .inject_predict
             .is_some_and(|cap| inspect::inject_predict(kind, &mut request.body, cap));
         plan.tap = usage_format(class, kind).map(|format| (format, false));
+        // Both `/v1/chat/completions` and `/v1/completions` (SPEC §9).
         if class == &Class::Inference(inspect::Kind::OpenAiGenerate)
-            && ex.head.target.path == "/v1/chat/completions"
             && inspect::include_usage(&mut request.body)
         {
             // Ollama is asked for the usage chunk, which is hidden from this client.
@@ -684,8 +693,10 @@ impl Service for App {
                 let model = plan.model.as_deref().unwrap_or("");
                 // Charged after the response but before its end reaches the
                 // client; a running stream is never cut (SPEC §9).
-                let settle = |usage: Usage| {
-                    self.ledger.charge(&identity.key, usage.prompt + usage.completion, unix_now());
+                let settle = |charge: Charge| {
+                    let usage = charge.usage;
+                    let total = usage.prompt.saturating_add(usage.completion);
+                    self.ledger.charge(&identity.key, total, unix_now());
                     self.metrics.tokens(client, model, usage.prompt, usage.completion);
                 };
                 let filter =
@@ -694,6 +705,7 @@ impl Service for App {
                     Some(f) => Respond::Rewrite(f as &dyn Fn(&[u8]) -> Option<Vec<u8>>),
                     None => Respond::Stream(plan.tap.map(|(format, hide)| Metered {
                         tap: Box::new(Tap::new(format, hide)),
+                        prompt_bytes: plan.prompt_bytes,
                         settle: &settle,
                     })),
                 };
@@ -767,9 +779,12 @@ impl Service for App {
             ("ttfb_ms", Value::from(ttfb_ms)),
             ("bytes", Value::from(ex.bytes_sent)),
         ]);
-        if let Some(usage) = outcome.usage {
-            fields.push(("prompt_tokens", Value::from(usage.prompt)));
-            fields.push(("completion_tokens", Value::from(usage.completion)));
+        if let Some(charge) = outcome.usage {
+            fields.push(("prompt_tokens", Value::from(charge.usage.prompt)));
+            fields.push(("completion_tokens", Value::from(charge.usage.completion)));
+            if charge.estimated {
+                fields.push(("usage_estimated", Value::from(true)));
+            }
         }
         if let Some(digest) = &prompt_sha256 {
             fields.push(("prompt_sha256", Value::from(digest.as_str())));

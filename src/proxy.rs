@@ -15,7 +15,7 @@ use ureq::http;
 
 use crate::config::{Timeouts, Upstream};
 use crate::http::{BodyError, BodyLen, Exchange};
-use crate::usage::{Tap, Usage};
+use crate::usage::{self, Charge, Tap};
 
 /// Request headers never forwarded: hop-by-hop ones, credentials meant for
 /// butler, and the ones butler sets itself.
@@ -72,8 +72,8 @@ pub struct Outcome {
     pub upstream_first_byte: Option<Duration>,
     /// Set when the exchange did not end normally.
     pub error: Option<&'static str>,
-    /// Tokens the upstream reported, when the response was tapped.
-    pub usage: Option<Usage>,
+    /// Tokens charged, when the response was tapped.
+    pub usage: Option<Charge>,
 }
 
 impl Outcome {
@@ -95,21 +95,27 @@ pub enum Respond<'a> {
 /// `settle` runs before the client can see the end of the body (the chunked
 /// terminator, or the last bytes of a length-framed body), so a client that
 /// sends its next request after reading a response is judged against a budget
-/// that already holds that response's tokens.
+/// that already holds that response's tokens. A response that ends without
+/// counts — cut by either side, or never begun because the client left — is
+/// settled with an estimate (SPEC §9, [`usage::charge`]).
 pub struct Metered<'a> {
     pub tap: Box<Tap>,
-    pub settle: &'a dyn Fn(Usage),
+    /// Bytes of the request's prompt text, for an estimate.
+    pub prompt_bytes: u64,
+    pub settle: &'a dyn Fn(Charge),
 }
 
 impl Metered<'_> {
-    /// Ends the tap and settles what it counted; returns the bytes it still
-    /// held back, and the counts.
-    fn close(self) -> (Vec<u8>, Option<Usage>) {
-        let (rest, usage) = self.tap.finish();
-        if let Some(usage) = usage {
-            (self.settle)(usage);
+    /// Ends the tap and settles the charge; returns the bytes the tap still
+    /// held back, and the charge. `status` is the upstream's (None: no
+    /// response came).
+    fn close(self, status: Option<u16>) -> (Vec<u8>, Option<Charge>) {
+        let (rest, seen) = self.tap.finish();
+        let charge = usage::charge(seen, self.prompt_bytes, status);
+        if let Some(charge) = charge {
+            (self.settle)(charge);
         }
-        (rest, usage)
+        (rest, charge)
     }
 }
 
@@ -245,7 +251,11 @@ impl Proxy {
             Ok(r) => r,
             Err(_) if hung_up.load(Ordering::SeqCst) => {
                 ex.abort();
-                return Outcome::new(0, Some("client closed"));
+                let mut outcome = Outcome::new(0, Some("client closed"));
+                if let Respond::Stream(Some(m)) = respond {
+                    outcome.usage = m.close(None).1;
+                }
+                return outcome;
             }
             Err(e) => return self.upstream_failed(ex, e, request_id),
         };
@@ -322,8 +332,15 @@ impl Proxy {
             }
             return outcome;
         }
+        // A body cut short (by either side) is settled with what was seen.
+        let cut = |metered: Option<Metered<'_>>, outcome: &mut Outcome, error| {
+            if let Some(m) = metered {
+                outcome.usage = m.close(Some(status)).1;
+            }
+            outcome.error = Some(error);
+        };
         if ex.start_response(status, &headers, len).is_err() {
-            outcome.error = Some("client closed");
+            cut(metered, &mut outcome, "client closed");
             return outcome;
         }
         if no_body {
@@ -338,8 +355,8 @@ impl Proxy {
             match reader.read(&mut buf) {
                 Ok(0) => {
                     if let Some(m) = metered.take() {
-                        let (rest, usage) = m.close();
-                        outcome.usage = usage;
+                        let (rest, charge) = m.close(Some(status));
+                        outcome.usage = charge;
                         if !rest.is_empty() && ex.send(&rest).is_err() {
                             outcome.error = Some("client closed");
                             return outcome;
@@ -365,28 +382,29 @@ impl Proxy {
                     if last && let Some(m) = metered.take() {
                         // A length-framed body is tapped without hiding, so
                         // the tap holds nothing back.
-                        let (rest, usage) = m.close();
+                        let (rest, charge) = m.close(Some(status));
                         debug_assert!(rest.is_empty());
-                        outcome.usage = usage;
+                        outcome.usage = charge;
                     }
                     // An empty chunk would end a chunked body: send nothing.
                     if !out.is_empty() && ex.send(&out).is_err() {
                         // Dropping the unfinished reader closes the upstream
                         // connection, so Ollama stops generating.
-                        outcome.error = Some("client closed");
+                        cut(metered, &mut outcome, "client closed");
                         return outcome;
                     }
                 }
                 Err(_) if hung_up.load(Ordering::SeqCst) => {
                     ex.abort();
-                    outcome.error = Some("client closed");
+                    cut(metered, &mut outcome, "client closed");
                     return outcome;
                 }
                 Err(_) => {
                     // The upstream died mid-stream: end without a clean
-                    // terminator so the client sees the truncation.
+                    // terminator so the client sees the truncation. The
+                    // charge is settled first, like a complete response's.
+                    cut(metered, &mut outcome, "upstream closed mid-stream");
                     ex.abort();
-                    outcome.error = Some("upstream closed mid-stream");
                     return outcome;
                 }
             }

@@ -3,7 +3,8 @@
 //! butler copies an upstream body to the client chunk by chunk, and chunk boundaries fall
 //! anywhere: inside a line, inside a JSON string, inside a UTF-8 sequence. A [`Tap`] watches that
 //! byte stream and learns the token counts Ollama reports, without delaying or changing a byte —
-//! except for the one documented case of hiding the usage chunk butler itself asked for.
+//! except for the one documented case of hiding the usage butler itself asked for. It also
+//! counts output chunks, so a body that ends without counts can be charged an estimate.
 //!
 //! # Design
 //!
@@ -25,29 +26,39 @@
 //!   Events. Each event's `data:` lines (one leading space dropped, several lines joined by
 //!   newlines as the SSE standard says) form one JSON document, read when the blank line ending
 //!   the event arrives; `data: [DONE]` and other non-objects are ignored. `event:` lines are not
-//!   needed: the JSON paths alone tell the events apart (`message.usage` only occurs in an
-//!   Anthropic `message_start`, `response.usage` only in a Responses `response.*` event, where it
+//!   needed: the JSON paths alone tell the events apart (a top-level `usage` only occurs in an
+//!   Anthropic `message_delta`, `response.usage` only in a Responses `response.*` event, where it
 //!   is `null` until the response ends). An event still open when the body ends is read too if its
 //!   data is complete, so tokens reported just before a cut are not lost.
 //!
-//! The last report wins. Ollama, OpenAI and Responses bodies report once, as a whole; Anthropic
-//! streams report `input_tokens` in `message_start` and cumulative `output_tokens` (sometimes
-//! `input_tokens` too) in `message_delta`, so each field keeps its latest value there, and a
-//! stream cut after `message_start` still reports its input tokens. A count that is not a
-//! non-negative integer fitting a `u64` (negative, fractional, exponent, string, too big) is
-//! ignored as if absent.
+//! The last report wins. Ollama, OpenAI and Responses bodies report once, as a whole. In an
+//! OpenAI stream only a chunk without choices reports: Ollama's `/v1/completions` puts a zero
+//! `usage` on every content chunk once usage is asked for, and the counts come in a final
+//! `choices: []` chunk. Anthropic streams are charged from `message_delta`'s top-level `usage`
+//! (`input_tokens` + `output_tokens`); `message_start`'s `message.usage` is Ollama's estimate
+//! from the request and is not read. A count that is not a non-negative integer fitting a `u64`
+//! (negative, fractional, exponent, string, too big) is ignored as if absent.
 //!
-//! # Hiding the usage chunk
+//! # Estimates
 //!
-//! For a streamed `/v1/chat/completions` whose client did not ask for usage, butler adds
-//! `stream_options.include_usage` and must remove the extra event: the one whose `choices` is an
-//! empty array and which carries a `usage` object. While hiding, the bytes of an event that has
-//! not ended yet are held back (everything before it is sent at once) until its blank line shows
-//! whether it is that event; then they are dropped (with the blank line, whatever the line
-//! endings) or released. An event longer than [`HOLD_CAP`] is released unread for hiding
-//! (its usage is still counted), so holding never takes more memory than that. Hiding applies
-//! only to [`Format::OpenAi`] SSE bodies; for other formats and for JSON bodies the flag is
-//! ignored.
+//! A body may end before its counts arrive (the client left, the upstream died) or never carry
+//! any (`/api/embeddings`). For an estimate the tap also counts output chunks ([`Seen::deltas`]):
+//! Ollama objects before the final one with a `message` or `response`, OpenAI chunks with
+//! choices, Anthropic and Responses events with a top-level `delta` (not `message_delta`).
+//! [`charge`] turns what was seen into what is charged.
+//!
+//! # Hiding the usage
+//!
+//! For a streamed `/v1/chat/completions` or `/v1/completions` whose client did not ask for
+//! usage, butler adds `stream_options.include_usage` and must take away what that adds: the
+//! event whose `choices` is an empty array and which carries a `usage` object is removed whole,
+//! and a `usage` member on any other event (Ollama's completions chunks) is cut out of its JSON,
+//! leaving every other byte as Ollama wrote it. While hiding, the bytes of an event that has not
+//! ended yet are held back (everything before it is sent at once) until its blank line shows
+//! what it is; then they are dropped (with the blank line, whatever the line endings), edited
+//! or released. An event longer than [`HOLD_CAP`] is released unedited (its usage is still
+//! counted), so holding never takes more memory than that. Hiding applies only to
+//! [`Format::OpenAi`] SSE bodies; for other formats and for JSON bodies the flag is ignored.
 
 use std::borrow::Cow;
 
@@ -68,6 +79,43 @@ pub struct Usage {
     pub completion: u64,
 }
 
+/// What a [`Tap`] saw in a whole body (or up to where it was cut).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// The counts Ollama reported; None if they never arrived.
+    pub usage: Option<Usage>,
+    /// Output chunks seen: NDJSON objects with a `message` or `response` before the final one,
+    /// SSE events with choices (`/v1` chat and completions) or a content `delta` (`/v1/messages`,
+    /// `/v1/responses`). Each stands for one generated token in an estimate.
+    pub deltas: u64,
+}
+
+/// The tokens a response is charged (SPEC §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub usage: Usage,
+    /// No counts arrived: the tokens are an estimate.
+    pub estimated: bool,
+}
+
+/// What a tapped response is charged: the counts Ollama reported or, when none arrived, an
+/// estimate — the prompt at ⌈`prompt_bytes` / 4⌉ tokens (the bytes of the request's prompt
+/// text) and one generated token per output chunk seen. Estimated: a successful response
+/// without counts (a stream cut by either side, `/api/embeddings`, which reports none) and a
+/// request whose client left before the response began (`status` None); Ollama may have done
+/// the work either way, and charging nothing would let a client dodge its budget by hanging up.
+/// Any other status without counts (an error answer) costs nothing.
+pub fn charge(seen: Seen, prompt_bytes: u64, status: Option<u16>) -> Option<Charge> {
+    if let Some(usage) = seen.usage {
+        return Some(Charge { usage, estimated: false });
+    }
+    if status.is_some_and(|s| !(200..300).contains(&s)) {
+        return None;
+    }
+    let usage = Usage { prompt: prompt_bytes.div_ceil(4), completion: seen.deltas };
+    Some(Charge { usage, estimated: true })
+}
+
 /// Which wire format and API a response body uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -76,15 +124,16 @@ pub enum Format {
     /// count 0) and `eval_count`.
     OllamaGenerate,
     /// `/api/embed`: one JSON object with `prompt_eval_count` (completion 0). (`/api/embeddings`
-    /// reports nothing → no usage.)
+    /// reports nothing → no usage, so it is charged an estimate.)
     OllamaEmbed,
     /// `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: a JSON object with
     /// `usage: {prompt_tokens, completion_tokens}` or an SSE stream of `data: {...}` events ending
     /// with `data: [DONE]`, where (with `stream_options.include_usage`) a final chunk carries
-    /// `usage` and an empty `choices` array.
+    /// `usage` and an empty `choices` array (and completions chunks a zero `usage` each).
     OpenAi,
     /// `/v1/messages` (Anthropic): JSON `usage: {input_tokens, output_tokens}`, or SSE events
-    /// `message_start` (`message.usage.input_tokens`) and `message_delta` (`usage.output_tokens`).
+    /// where `message_delta` has `usage: {input_tokens, output_tokens}` (`message_start`'s
+    /// `message.usage` is an estimate and is not read).
     Anthropic,
     /// `/v1/responses`: JSON `usage: {input_tokens, output_tokens}`, or SSE with a
     /// `response.completed` event whose `response.usage` has them.
@@ -114,10 +163,23 @@ pub struct Tap {
     /// Hiding: bytes of the open event from earlier chunks.
     held: Vec<u8>,
     /// Hiding: an event ended with a blank line terminated by `\r`; a `\n` right after it still
-    /// belongs to the event. `pending_drop` says whether the event is the one to hide.
+    /// belongs to the event. `pending` says what becomes of the event.
     end_pending: bool,
-    pending_drop: bool,
+    pending: Edit,
     usage: Option<Usage>,
+    /// Documents or events carrying generated output, for an estimate (see [`Seen::deltas`]).
+    deltas: u64,
+}
+
+/// What hiding does to one SSE event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Edit {
+    Keep,
+    /// The usage chunk (`choices: []` with a `usage`): removed whole.
+    Drop,
+    /// A chunk with choices and a `usage` member (Ollama's `/v1/completions` puts a zero one on
+    /// every chunk once usage is asked for): the member is removed.
+    Strip,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,10 +205,11 @@ enum Line {
 }
 
 impl Tap {
-    /// `hide_usage_chunk`: for a streamed `/v1/chat/completions` where butler itself added
-    /// `stream_options.include_usage` (the client did not ask), the SSE event whose `choices` is an
-    /// empty array and which carries `usage` must be removed from what the client receives.
-    /// Ignored for formats other than [`Format::OpenAi`].
+    /// `hide_usage_chunk`: for a streamed `/v1/chat/completions` or `/v1/completions` where
+    /// butler itself added `stream_options.include_usage` (the client did not ask), the SSE event
+    /// whose `choices` is an empty array and which carries `usage` must be removed from what the
+    /// client receives, and a `usage` member from any other event. Ignored for formats other
+    /// than [`Format::OpenAi`].
     pub fn new(format: Format, hide_usage_chunk: bool) -> Tap {
         let ollama = matches!(format, Format::OllamaGenerate | Format::OllamaEmbed);
         Tap {
@@ -162,8 +225,9 @@ impl Tap {
             holding: false,
             held: Vec::new(),
             end_pending: false,
-            pending_drop: false,
+            pending: Edit::Keep,
             usage: None,
+            deltas: 0,
         }
     }
 
@@ -175,7 +239,7 @@ impl Tap {
 
     /// Feeds the next chunk exactly as the upstream sent it. Returns the bytes to send to the
     /// client for this chunk: borrowed `chunk` unchanged in the normal case (`Cow::Borrowed`), or
-    /// an owned, edited version only when `hide_usage_chunk` removed (part of) an event. When
+    /// an owned, edited version only when `hide_usage_chunk` removed or edited (part of) an event. When
     /// hiding, bytes that might belong to the usage event may be held back until the event
     /// boundary (blank line) is seen — only from the start of an event that has not ended yet;
     /// everything before it is released at once.
@@ -191,7 +255,7 @@ impl Tap {
             if self.end_pending {
                 self.end_pending = false;
                 let end = if b == b'\n' { i + 1 } else { i };
-                self.end_event(&mut out, end, self.pending_drop);
+                self.end_event(&mut out, end, self.pending);
             }
             if self.mode == Mode::Unknown && !is_ws(b) {
                 if b == b'{' || b == b'[' {
@@ -235,17 +299,23 @@ impl Tap {
         out.finish()
     }
 
-    /// At the end of the body: any held-back bytes to send, and the usage seen (None if the body
-    /// reported none, e.g. the stream was cut before the final object).
-    pub fn finish(mut self) -> (Vec<u8>, Option<Usage>) {
-        let mut drop = false;
+    /// At the end of the body (or where it was cut): any held-back bytes to send, and what was
+    /// seen — the usage reported (None if the body reported none, e.g. the stream was cut before
+    /// its counts) and the output chunks counted.
+    pub fn finish(mut self) -> (Vec<u8>, Seen) {
+        let mut edit = Edit::Keep;
         if self.end_pending {
-            drop = self.pending_drop;
+            edit = self.pending;
         } else if self.mode == Mode::Sse && self.event_open {
-            drop = self.dispatch();
+            edit = self.dispatch();
         }
-        let tail = if self.holding && !drop { std::mem::take(&mut self.held) } else { Vec::new() };
-        (tail, self.usage)
+        // Holding implies the held bytes are within HOLD_CAP.
+        let tail = match (self.holding, edit) {
+            (false, _) | (true, Edit::Drop) => Vec::new(),
+            (true, Edit::Keep) => std::mem::take(&mut self.held),
+            (true, Edit::Strip) => strip_usage(&self.held).unwrap_or_else(|| self.held.clone()),
+        };
+        (tail, Seen { usage: self.usage, deltas: self.deltas })
     }
 
     /// A sequence of JSON documents (Ollama bodies, non-streamed `/v1` bodies).
@@ -291,12 +361,12 @@ impl Tap {
             if eol {
                 // A blank line ends the open event, if any.
                 if self.event_open {
-                    let drop = self.dispatch();
+                    let edit = self.dispatch();
                     if b == b'\r' {
                         self.end_pending = true;
-                        self.pending_drop = drop;
+                        self.pending = edit;
                     } else {
-                        self.end_event(out, i + 1, drop);
+                        self.end_event(out, i + 1, edit);
                     }
                 }
                 return;
@@ -353,85 +423,111 @@ impl Tap {
         }
     }
 
-    /// The open SSE event is over: reads its data, resets for the next event, and says whether
-    /// the event is the usage chunk to hide.
-    fn dispatch(&mut self) -> bool {
-        let drop = self.data_seen && self.scan.is_complete() && self.commit();
+    /// The open SSE event is over: reads its data, resets for the next event, and says what
+    /// hiding does to it.
+    fn dispatch(&mut self) -> Edit {
+        let edit =
+            if self.data_seen && self.scan.is_complete() { self.commit() } else { Edit::Keep };
         self.scan.reset();
         self.data_seen = false;
         self.event_open = false;
         self.line = Line::Start;
-        drop
+        edit
     }
 
-    /// The held event ends just before index `end` of the current chunk: drop or release it.
-    fn end_event(&mut self, out: &mut Out<'_>, end: usize, drop: bool) {
+    /// The held event ends just before index `end` of the current chunk: drop, edit or release
+    /// it.
+    fn end_event(&mut self, out: &mut Out<'_>, end: usize, edit: Edit) {
         if !self.holding {
             return;
         }
         self.holding = false;
-        // An event longer than HOLD_CAP is never hidden, whether or not it was split: hiding
+        // An event longer than HOLD_CAP is never edited, whether or not it was split: hiding
         // depends on the bytes alone, not on where chunks happen to end.
-        if drop && self.held.len() + (end - out.pos) <= HOLD_CAP {
-            out.modify();
-            self.held.clear();
-            out.pos = end;
-        } else {
+        if edit == Edit::Keep || self.held.len() + (end - out.pos) > HOLD_CAP {
             out.buf.append(&mut self.held);
             out.pass(end);
+            return;
         }
+        out.modify();
+        if edit == Edit::Strip {
+            self.held.extend_from_slice(&out.chunk[out.pos..end]);
+            match strip_usage(&self.held) {
+                Some(event) => out.buf.extend_from_slice(&event),
+                None => out.buf.extend_from_slice(&self.held),
+            }
+        }
+        self.held.clear();
+        out.pos = end;
     }
 
-    /// Takes the usage from a complete document; returns whether it is the usage chunk to hide.
-    fn commit(&mut self) -> bool {
+    /// Takes the usage and the output count from a complete document; returns what hiding does
+    /// to it.
+    fn commit(&mut self) -> Edit {
         let caps = &self.scan.caps;
         let num = |s: Slot| match caps[s as usize] {
             Some(Val::Num(n)) => Some(n),
             _ => None,
         };
-        let (prompt, completion, merge) = match self.format {
+        let has = |s: Slot| caps[s as usize].is_some();
+        let usage_object = caps[Slot::Usage as usize] == Some(Val::Object);
+        let choices = caps[Slot::Choices as usize];
+        let sse = self.mode == Mode::Sse;
+        // The counts this document reports (None: it reports none), and whether it carries
+        // generated output.
+        let (report, output) = match self.format {
             Format::OllamaGenerate => {
-                if caps[Slot::Done as usize] != Some(Val::True) {
-                    return false;
+                if caps[Slot::Done as usize] == Some(Val::True) {
+                    // A cached prompt has no prompt_eval_count: 0 tokens evaluated.
+                    let prompt = Some(num(Slot::PromptEvalCount).unwrap_or(0));
+                    (Some((prompt, num(Slot::EvalCount))), false)
+                } else {
+                    (None, has(Slot::Message) || has(Slot::ResponseText))
                 }
-                // A cached prompt has no prompt_eval_count: 0 tokens evaluated.
-                (Some(num(Slot::PromptEvalCount).unwrap_or(0)), num(Slot::EvalCount), false)
             }
-            Format::OllamaEmbed => (num(Slot::PromptEvalCount), None, false),
+            Format::OllamaEmbed => (Some((num(Slot::PromptEvalCount), None)), false),
             Format::OpenAi => {
-                (num(Slot::UsagePromptTokens), num(Slot::UsageCompletionTokens), false)
+                let counts = (num(Slot::UsagePromptTokens), num(Slot::UsageCompletionTokens));
+                // In a stream, a chunk that still has choices is output, and its usage is not
+                // the report: Ollama's `/v1/completions` puts a zero usage on every chunk once
+                // usage is asked for, and the counts come in a final `choices: []` chunk.
+                let content = sse && choices == Some(Val::NonEmptyArray);
+                ((!content).then_some(counts), content)
             }
+            // `message_delta` (or a whole message) reports at the top level; `message_start`'s
+            // `message.usage` is Ollama's estimate from the request and is not read. A content
+            // delta has a `delta` and no usage (`message_delta` has both).
             Format::Anthropic => (
-                num(Slot::UsageInputTokens).or(num(Slot::MessageUsageInputTokens)),
-                num(Slot::UsageOutputTokens).or(num(Slot::MessageUsageOutputTokens)),
-                true,
+                Some((num(Slot::UsageInputTokens), num(Slot::UsageOutputTokens))),
+                has(Slot::Delta) && !usage_object,
             ),
             Format::Responses => {
                 let nested =
                     (num(Slot::ResponseUsageInputTokens), num(Slot::ResponseUsageOutputTokens));
-                let (p, c) = if nested == (None, None) {
+                let counts = if nested == (None, None) {
                     (num(Slot::UsageInputTokens), num(Slot::UsageOutputTokens))
                 } else {
                     nested
                 };
-                (p, c, false)
+                (Some(counts), has(Slot::Delta))
             }
         };
-        if prompt.is_some() || completion.is_some() {
-            if merge {
-                let usage = self.usage.get_or_insert_default();
-                usage.prompt = prompt.unwrap_or(usage.prompt);
-                usage.completion = completion.unwrap_or(usage.completion);
-            } else {
-                self.usage = Some(Usage {
-                    prompt: prompt.unwrap_or(0),
-                    completion: completion.unwrap_or(0),
-                });
-            }
+        if let Some((prompt, completion)) = report
+            && (prompt.is_some() || completion.is_some())
+        {
+            self.usage =
+                Some(Usage { prompt: prompt.unwrap_or(0), completion: completion.unwrap_or(0) });
         }
-        self.hide
-            && caps[Slot::Choices as usize] == Some(Val::EmptyArray)
-            && caps[Slot::Usage as usize] == Some(Val::Object)
+        if output {
+            self.deltas = self.deltas.saturating_add(1);
+        }
+        if !self.hide || !usage_object {
+            Edit::Keep
+        } else if choices == Some(Val::EmptyArray) {
+            Edit::Drop
+        } else {
+            Edit::Strip
+        }
     }
 }
 
@@ -479,6 +575,166 @@ fn is_ws(b: u8) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Removing the usage member from a held event.
+
+/// `event` (one whole SSE event, its blank line included or not) with every top-level `usage`
+/// member removed from the JSON object of its data; everything else stays byte for byte.
+/// None when there is nothing to remove or the event is not a single `data` line holding one
+/// JSON object (Ollama writes each chunk as one `data:` line; the caller then sends the event
+/// as it is). The event was already read whole by the scanner, so this second pass over at most
+/// [`HOLD_CAP`] bytes happens only for events that do carry a usage.
+fn strip_usage(event: &[u8]) -> Option<Vec<u8>> {
+    let (start, end) = single_data_value(event)?;
+    let json = strip_member(&event[start..end], b"usage")?;
+    let mut out = Vec::with_capacity(event.len());
+    out.extend_from_slice(&event[..start]);
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&event[end..]);
+    Some(out)
+}
+
+/// Where the value of the one `data` line of an SSE event lies (after the colon and one optional
+/// space, up to the line ending); None unless exactly one line is a `data` field.
+fn single_data_value(event: &[u8]) -> Option<(usize, usize)> {
+    let mut found = None;
+    let mut count = 0;
+    let mut line = 0;
+    while line < event.len() {
+        let len = event[line..].iter().position(|&b| b == b'\n' || b == b'\r');
+        let end = len.map_or(event.len(), |n| line + n);
+        let text = &event[line..end];
+        if text == b"data" || text.starts_with(b"data:") {
+            count += 1;
+            let mut start = (line + 5).min(end);
+            if event.get(start) == Some(&b' ') && start < end {
+                start += 1;
+            }
+            found = Some((start, end));
+        }
+        // Past the line ending (`\r\n` counts as one).
+        line = end + 1;
+        if event.get(end) == Some(&b'\r') && event.get(end + 1) == Some(&b'\n') {
+            line += 1;
+        }
+    }
+    if count == 1 { found } else { None }
+}
+
+/// One top-level member of a JSON object: its text runs from `own` (the end of the previous
+/// value, so the separating comma is its own, or just after `{` for the first) to `end`; its
+/// key starts at `key`.
+struct Member {
+    own: usize,
+    key: usize,
+    end: usize,
+    drop: bool,
+}
+
+/// `json` (one object) without its top-level members named `name`; None if it has none or is
+/// not an object.
+fn strip_member(json: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    let open = skip_ws(json, 0);
+    if json.get(open) != Some(&b'{') {
+        return None;
+    }
+    let mut members = Vec::new();
+    let mut own = open + 1;
+    let mut i = skip_ws(json, own);
+    if json.get(i) != Some(&b'}') {
+        loop {
+            let key = i;
+            let key_end = skip_string(json, key)?;
+            // Keys are compared decoded, as the scanner does (`\u0075sage` is `usage`).
+            let decoded: String = serde_json::from_slice(&json[key..key_end]).ok()?;
+            i = skip_ws(json, key_end);
+            if json.get(i) != Some(&b':') {
+                return None;
+            }
+            let end = skip_value(json, skip_ws(json, i + 1))?;
+            members.push(Member { own, key, end, drop: decoded.as_bytes() == name });
+            i = skip_ws(json, end);
+            match json.get(i)? {
+                b',' => {
+                    own = end;
+                    i = skip_ws(json, i + 1);
+                }
+                b'}' => break,
+                _ => return None,
+            }
+        }
+    }
+    let last = members.last()?.end;
+    if !members.iter().any(|m| m.drop) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(json.len());
+    out.extend_from_slice(&json[..=open]);
+    let mut first = true;
+    for m in members.iter().filter(|m| !m.drop) {
+        // The first member kept loses the comma it had after a dropped one.
+        let from = if first && m.own != open + 1 { m.key } else { m.own };
+        out.extend_from_slice(&json[from..m.end]);
+        first = false;
+    }
+    out.extend_from_slice(&json[last..]);
+    Some(out)
+}
+
+fn skip_ws(json: &[u8], mut i: usize) -> usize {
+    while json.get(i).is_some_and(|&b| is_ws(b)) {
+        i += 1;
+    }
+    i
+}
+
+/// The index just past the string starting at `i`.
+fn skip_string(json: &[u8], i: usize) -> Option<usize> {
+    if json.get(i) != Some(&b'"') {
+        return None;
+    }
+    let mut j = i + 1;
+    loop {
+        match json.get(j)? {
+            b'"' => return Some(j + 1),
+            b'\\' => j += 2,
+            _ => j += 1,
+        }
+    }
+}
+
+/// The index just past the value starting at `i`.
+fn skip_value(json: &[u8], i: usize) -> Option<usize> {
+    match json.get(i)? {
+        b'"' => skip_string(json, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match json.get(j)? {
+                    b'"' => {
+                        j = skip_string(json, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let len = json[i..].iter().position(|&b| matches!(b, b',' | b'}' | b']') || is_ws(b));
+            Some(len.map_or(json.len(), |n| i + n))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The incremental JSON scanner.
 
 /// Object keys the scanner recognises in the outer three levels.
@@ -490,6 +746,7 @@ enum Key {
     Array,
     Choices,
     CompletionTokens,
+    Delta,
     Done,
     EvalCount,
     InputTokens,
@@ -506,6 +763,7 @@ impl Key {
         match name {
             b"choices" => Key::Choices,
             b"completion_tokens" => Key::CompletionTokens,
+            b"delta" => Key::Delta,
             b"done" => Key::Done,
             b"eval_count" => Key::EvalCount,
             b"input_tokens" => Key::InputTokens,
@@ -532,13 +790,15 @@ enum Slot {
     UsageInputTokens,
     UsageOutputTokens,
     Choices,
-    MessageUsageInputTokens,
-    MessageUsageOutputTokens,
     ResponseUsageInputTokens,
     ResponseUsageOutputTokens,
+    /// Top-level `message`, `response` and `delta`: present (not null) in output chunks.
+    Message,
+    ResponseText,
+    Delta,
 }
 
-const SLOTS: [(Slot, &[Key]); 13] = [
+const SLOTS: [(Slot, &[Key]); 14] = [
     (Slot::Done, &[Key::Done]),
     (Slot::PromptEvalCount, &[Key::PromptEvalCount]),
     (Slot::EvalCount, &[Key::EvalCount]),
@@ -548,10 +808,11 @@ const SLOTS: [(Slot, &[Key]); 13] = [
     (Slot::UsageInputTokens, &[Key::Usage, Key::InputTokens]),
     (Slot::UsageOutputTokens, &[Key::Usage, Key::OutputTokens]),
     (Slot::Choices, &[Key::Choices]),
-    (Slot::MessageUsageInputTokens, &[Key::Message, Key::Usage, Key::InputTokens]),
-    (Slot::MessageUsageOutputTokens, &[Key::Message, Key::Usage, Key::OutputTokens]),
     (Slot::ResponseUsageInputTokens, &[Key::Response, Key::Usage, Key::InputTokens]),
     (Slot::ResponseUsageOutputTokens, &[Key::Response, Key::Usage, Key::OutputTokens]),
+    (Slot::Message, &[Key::Message]),
+    (Slot::ResponseText, &[Key::Response]),
+    (Slot::Delta, &[Key::Delta]),
 ];
 
 /// Deepest path a slot has.
@@ -560,7 +821,12 @@ const PATH_LEN: usize = 3;
 impl Slot {
     /// Slots holding a token count.
     fn is_count(self) -> bool {
-        !matches!(self, Slot::Done | Slot::Usage | Slot::Choices)
+        !matches!(self, Slot::Done | Slot::Usage | Slot::Choices) && !self.is_presence()
+    }
+
+    /// Slots recording only that a value other than null is there.
+    fn is_presence(self) -> bool {
+        matches!(self, Slot::Message | Slot::ResponseText | Slot::Delta)
     }
 }
 
@@ -575,6 +841,10 @@ enum Val {
     Object,
     /// `[]`.
     EmptyArray,
+    /// An array with elements.
+    NonEmptyArray,
+    /// Any value but null (presence slots).
+    Present,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -839,6 +1109,12 @@ impl Scanner {
     fn value(&mut self, b: u8) -> Step {
         // A key given twice: its last value wins, so forget what the first one held.
         self.clear_here();
+        if let Some(slot) = self.here()
+            && slot.is_presence()
+            && b != b'n'
+        {
+            self.caps[slot as usize] = Some(Val::Present);
+        }
         match b {
             b'{' => {
                 if self.here() == Some(Slot::Usage) {
@@ -900,9 +1176,11 @@ impl Scanner {
 
     /// Closes the innermost container (the caller checked its kind); `empty_array` for `[]`.
     fn close(&mut self, empty_array: bool) -> Step {
+        let array = !self.in_object();
         self.depth -= 1;
-        if empty_array && self.here() == Some(Slot::Choices) {
-            self.caps[Slot::Choices as usize] = Some(Val::EmptyArray);
+        if array && self.here() == Some(Slot::Choices) {
+            let val = if empty_array { Val::EmptyArray } else { Val::NonEmptyArray };
+            self.caps[Slot::Choices as usize] = Some(val);
         }
         self.value_done()
     }
@@ -954,8 +1232,8 @@ impl Scanner {
 mod tests {
     use super::*;
 
-    /// Feeds `chunks` in order; returns everything sent to the client and the usage.
-    fn run(format: Format, hide: bool, chunks: &[&[u8]]) -> (Vec<u8>, Option<Usage>) {
+    /// Feeds `chunks` in order; returns everything sent to the client and what the tap saw.
+    fn run_seen(format: Format, hide: bool, chunks: &[&[u8]]) -> (Vec<u8>, Seen) {
         let mut tap = Tap::new(format, hide);
         let mut out = Vec::new();
         for chunk in chunks {
@@ -965,9 +1243,20 @@ mod tests {
             }
             out.extend_from_slice(&sent);
         }
-        let (tail, usage) = tap.finish();
+        let (tail, seen) = tap.finish();
         out.extend_from_slice(&tail);
-        (out, usage)
+        (out, seen)
+    }
+
+    /// Like [`run_seen`], with the usage only.
+    fn run(format: Format, hide: bool, chunks: &[&[u8]]) -> (Vec<u8>, Option<Usage>) {
+        let (out, seen) = run_seen(format, hide, chunks);
+        (out, seen.usage)
+    }
+
+    /// The output chunks a whole body counts.
+    fn deltas(format: Format, body: &str) -> u64 {
+        run_seen(format, false, &[body.as_bytes()]).1.deltas
     }
 
     fn whole(format: Format, hide: bool, body: &str) -> (Vec<u8>, Option<Usage>) {
@@ -1020,17 +1309,17 @@ mod tests {
 
     /// Every split in two, byte by byte, and random splits all give what one chunk gives.
     fn assert_boundary_independent(format: Format, hide: bool, body: &[u8]) {
-        let expected = run(format, hide, &[body]);
+        let expected = run_seen(format, hide, &[body]);
         for i in 0..=body.len() {
             let (a, b) = body.split_at(i);
-            assert_eq!(run(format, hide, &[a, b]), expected, "split at {i} of {format:?}");
+            assert_eq!(run_seen(format, hide, &[a, b]), expected, "split at {i} of {format:?}");
         }
         let bytes: Vec<&[u8]> = body.chunks(1).collect();
-        assert_eq!(run(format, hide, &bytes), expected, "byte by byte, {format:?}");
+        assert_eq!(run_seen(format, hide, &bytes), expected, "byte by byte, {format:?}");
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ body.len() as u64);
         for _ in 0..200 {
             let chunks = random_chunks(&mut rng, body);
-            assert_eq!(run(format, hide, &chunks), expected, "random split of {format:?}");
+            assert_eq!(run_seen(format, hide, &chunks), expected, "random split of {format:?}");
         }
     }
 
@@ -1073,6 +1362,29 @@ mod tests {
             events.push(OPENAI_USAGE_CHUNK);
         }
         events.push("data: [DONE]");
+        events.iter().map(|e| format!("{e}{eol}{eol}")).collect()
+    }
+
+    /// Ollama's streamed `/v1/completions`: with `include_usage`, a zero usage on every chunk
+    /// and a last chunk with `choices: []` and the counts (middleware/openai.go).
+    fn completions_stream(eol: &str, include_usage: bool) -> String {
+        let head = r#"{"id":"cmpl-7","object":"text_completion","created":1741570283,"choices":["#;
+        let foot = r#"],"model":"llama3.2","system_fingerprint":"fp_ollama""#;
+        let zero = r#","usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}"#;
+        let counts = r#","usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}"#;
+        let choices = [
+            r#"{"text":"Hel","index":0,"finish_reason":null}"#,
+            r#"{"text":"lo","index":0,"finish_reason":null}"#,
+            r#"{"text":"","index":0,"finish_reason":"stop"}"#,
+        ];
+        let mut events: Vec<String> = choices
+            .iter()
+            .map(|c| format!("data: {head}{c}{foot}{}}}", if include_usage { zero } else { "" }))
+            .collect();
+        if include_usage {
+            events.push(format!("data: {head}{foot}{counts}}}"));
+        }
+        events.push("data: [DONE]".into());
         events.iter().map(|e| format!("{e}{eol}{eol}")).collect()
     }
 
@@ -1187,9 +1499,13 @@ mod tests {
 
     #[test]
     fn a_complete_event_before_a_cut_still_counts() {
-        // Anthropic: message_start reported the input tokens before the cut.
+        // Anthropic: message_start's numbers are Ollama's estimate, not a report; a stream cut
+        // before message_delta has no counts (and is charged an estimate).
         let cut = ANTHROPIC_STREAM.find("event: message_delta").unwrap();
-        assert_eq!(usage(Format::Anthropic, &ANTHROPIC_STREAM[..cut]), u(25, 1));
+        assert_eq!(usage(Format::Anthropic, &ANTHROPIC_STREAM[..cut]), None);
+        // message_delta arrived whole, only its blank line is missing.
+        let cut = ANTHROPIC_OLLAMA_STREAM.find("event: message_stop").unwrap() - 1;
+        assert_eq!(usage(Format::Anthropic, &ANTHROPIC_OLLAMA_STREAM[..cut]), u(31, 9));
         // The usage event arrived whole, only its blank line is missing.
         let stream = openai_stream("\n", true);
         let cut = stream.find("data: [DONE]").unwrap() - 2;
@@ -1214,14 +1530,25 @@ mod tests {
         assert_eq!(usage(Format::OpenAi, &openai_stream("\n", true)), u(11, 2));
         assert_eq!(usage(Format::OpenAi, &openai_stream("\r\n", true)), u(11, 2));
         assert_eq!(usage(Format::OpenAi, &openai_stream("\r", true)), u(11, 2));
-        // OpenAI itself sends `"usage":null` on every chunk but the last; others put the usage on
-        // the last content chunk.
+        // OpenAI itself sends `"usage":null` on every chunk but the last.
         let nulls = format!(
-            "{}\n\n{}\n\ndata: [DONE]\n\n",
+            "{}\n\n{}\n\n{OPENAI_USAGE_CHUNK}\n\ndata: [DONE]\n\n",
             OPENAI_CHUNK_1.replace("]}", r#"],"usage":null}"#),
+            OPENAI_CHUNK_2.replace("]}", r#"],"usage":null}"#),
+        );
+        assert_eq!(usage(Format::OpenAi, &nulls), u(11, 2));
+        // In a stream, a usage on a chunk that still has choices is not the report (Ollama's
+        // `/v1/completions` puts a zero one on every chunk): cut before the final chunk, the
+        // stream has no counts.
+        let completions = completions_stream("\n", true);
+        assert_eq!(usage(Format::OpenAi, &completions), u(7, 3));
+        let cut = completions.find(r#""choices":[]"#).unwrap();
+        assert_eq!(usage(Format::OpenAi, &completions[..cut]), None);
+        let on_content = format!(
+            "{}\n\ndata: [DONE]\n\n",
             OPENAI_CHUNK_2.replace("]}", r#"],"usage":{"prompt_tokens":4,"completion_tokens":2}}"#),
         );
-        assert_eq!(usage(Format::OpenAi, &nulls), u(4, 2));
+        assert_eq!(usage(Format::OpenAi, &on_content), None);
         // Legacy completions.
         let completions = r#"{"id":"cmpl-1","object":"text_completion","created":1,"model":"llama3.2","choices":[{"text":"Hi","index":0,"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
         assert_eq!(usage(Format::OpenAi, completions), u(3, 1));
@@ -1229,9 +1556,18 @@ mod tests {
 
     #[test]
     fn anthropic_bodies() {
-        assert_eq!(usage(Format::Anthropic, ANTHROPIC_STREAM), u(25, 15));
+        // Charged from message_delta: input_tokens + output_tokens there (none here).
+        assert_eq!(usage(Format::Anthropic, ANTHROPIC_STREAM), u(0, 15));
         assert_eq!(usage(Format::Anthropic, ANTHROPIC_OLLAMA_STREAM), u(31, 9));
         assert_eq!(usage(Format::Anthropic, ANTHROPIC_JSON), u(12, 6));
+        // message_start's numbers (Ollama's estimate from the request) never count, whatever
+        // they are.
+        let estimate = ANTHROPIC_OLLAMA_STREAM.replace(
+            r#""input_tokens":0,"output_tokens":0"#,
+            r#""input_tokens":500,"output_tokens":7"#,
+        );
+        assert_ne!(estimate, ANTHROPIC_OLLAMA_STREAM);
+        assert_eq!(usage(Format::Anthropic, &estimate), u(31, 9));
     }
 
     #[test]
@@ -1249,9 +1585,11 @@ mod tests {
         let in_string =
             r#"{"content":"{\"usage\":{\"prompt_tokens\":9}}","usage_":{"prompt_tokens":9}}"#;
         assert_eq!(usage(Format::OpenAi, in_string), None);
-        // Anthropic: message.usage counts, deeper or other usages do not.
+        // Anthropic: only a top-level usage counts, deeper or other usages do not.
         let deep = r#"{"type":"x","content":[{"usage":{"input_tokens":5}}],"delta":{"usage":{"output_tokens":5}}}"#;
         assert_eq!(usage(Format::Anthropic, deep), None);
+        let start = r#"{"type":"message_start","message":{"usage":{"input_tokens":5}}}"#;
+        assert_eq!(usage(Format::Anthropic, start), None);
         // Each format reads its own fields only.
         assert_eq!(usage(Format::OllamaGenerate, OPENAI_JSON), None);
         assert_eq!(usage(Format::OpenAi, OLLAMA_GENERATE_SINGLE), None);
@@ -1407,10 +1745,9 @@ mod tests {
             assert_eq!((out, got), (with.clone().into_bytes(), u(11, 2)));
             assert_boundary_independent(Format::OpenAi, false, with.as_bytes());
         }
-        // Usage on a chunk with choices, an empty `choices` without usage, `"usage":null`.
+        // An empty `choices` without usage, `"usage":null`: not the usage chunk, kept.
         let body = format!(
-            "{}\n\n{}\n\n{}\n\ndata: [DONE]\n\n",
-            OPENAI_CHUNK_2.replace("]}", r#"],"usage":{"prompt_tokens":4,"completion_tokens":2}}"#),
+            "{}\n\n{}\n\ndata: [DONE]\n\n",
             OPENAI_USAGE_CHUNK.replace(
                 r#","usage":{"prompt_tokens":11,"completion_tokens":2,"total_tokens":13}"#,
                 ""
@@ -1419,12 +1756,71 @@ mod tests {
                 .replace(r#"{"prompt_tokens":11,"completion_tokens":2,"total_tokens":13}"#, "null"),
         );
         let (out, got) = whole(Format::OpenAi, true, &body);
-        assert_eq!((out, got), (body.clone().into_bytes(), u(4, 2)));
+        assert_eq!((out, got), (body.clone().into_bytes(), None));
         // Non-streamed JSON is never edited, nor are other formats.
         let json = r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
         assert_eq!(whole(Format::OpenAi, true, json), (json.as_bytes().to_vec(), u(1, 1)));
         let sse = format!("data: {json}\n\n");
         assert_eq!(whole(Format::Responses, true, &sse), (sse.clone().into_bytes(), None));
+        let sse = format!("data: {}\n\n", r#"{"delta":{},"usage":{"input_tokens":1}}"#);
+        assert_eq!(whole(Format::Anthropic, true, &sse), (sse.clone().into_bytes(), u(1, 0)));
+    }
+
+    /// Ollama's streamed `/v1/completions` with `include_usage` (middleware/openai.go,
+    /// CompleteWriter): a zero `usage` on every chunk, then the same chunk again with
+    /// `choices: []` and the counts. Hidden, the client gets exactly what Ollama sends without
+    /// `include_usage`.
+    #[test]
+    fn completions_usage_is_hidden_exactly() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let with = completions_stream(eol, true);
+            let without = completions_stream(eol, false);
+            let (out, got) = whole(Format::OpenAi, true, &with);
+            assert_eq!(String::from_utf8(out).unwrap(), without, "{eol:?}");
+            assert_eq!(got, u(7, 3));
+            assert_boundary_independent(Format::OpenAi, true, with.as_bytes());
+        }
+        // Cut: what came through has no usage either, and the tap reports none.
+        let with = completions_stream("\n", true);
+        let cut = with.find(r#""choices":[]"#).unwrap();
+        let (out, seen) = run_seen(Format::OpenAi, true, &[&with.as_bytes()[..cut]]);
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("usage"), "{out}");
+        assert_eq!(seen, Seen { usage: None, deltas: 3 });
+    }
+
+    #[test]
+    fn usage_members_are_removed_byte_exactly() {
+        let strip = |json: &str| {
+            strip_member(json.as_bytes(), b"usage").map(|v| String::from_utf8(v).unwrap())
+        };
+        assert_eq!(strip(r#"{"a":1,"usage":{"x":[1,{"y":"}"}]}}"#).as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(strip(r#"{"usage":null,"a":"b"}"#).as_deref(), Some(r#"{"a":"b"}"#));
+        assert_eq!(strip(r#"{"a":1,"usage":2,"b":[3]}"#).as_deref(), Some(r#"{"a":1,"b":[3]}"#));
+        assert_eq!(strip(r#" { "usage" : 1 } "#).as_deref(), Some(r#" { } "#));
+        assert_eq!(strip(r#"{"usage":1,"usage":{},"a":true}"#).as_deref(), Some(r#"{"a":true}"#));
+        assert_eq!(
+            strip(r#"{ "a" : 1 , "usage" : 1 , "b" : 2 }"#).as_deref(),
+            Some(r#"{ "a" : 1 , "b" : 2 }"#)
+        );
+        assert_eq!(
+            strip(r#"{"\u0075sage":{},"a":"usage\"x"}"#).as_deref(),
+            Some(r#"{"a":"usage\"x"}"#)
+        );
+        // Nothing to remove: deeper usages, lookalike keys, no object.
+        assert_eq!(strip(r#"{"a":{"usage":1},"usage_":2,"Usage":3}"#), None);
+        assert_eq!(strip(r#"{}"#), None);
+        assert_eq!(strip(r#"[{"usage":1}]"#), None);
+        assert_eq!(strip(r#"{"usage":1"#), None);
+        // Events: one data line, kept around the edit whatever the other lines and endings.
+        let event = |s: &str| strip_usage(s.as_bytes()).map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(
+            event("id: 1\r\ndata: {\"a\":1,\"usage\":{}}\r\n\r\n").as_deref(),
+            Some("id: 1\r\ndata: {\"a\":1}\r\n\r\n")
+        );
+        assert_eq!(event("data:{\"usage\":{},\"a\":1}\r").as_deref(), Some("data:{\"a\":1}\r"));
+        // Two data lines (one JSON text over both) are sent as they are.
+        assert_eq!(event("data: {\"a\":1,\ndata: \"usage\":{}}\n\n"), None);
     }
 
     #[test]
@@ -1445,12 +1841,13 @@ mod tests {
         assert_eq!(&*tap.feed(a.as_bytes()), b"");
         let chunk = format!("{b}data: [DONE]\n\n");
         assert_eq!(&*tap.feed(chunk.as_bytes()), b"data: [DONE]\n\n");
-        assert_eq!(tap.finish(), (Vec::new(), u(11, 2)));
+        // Three chunks with choices went through (the first one twice).
+        assert_eq!(tap.finish(), (Vec::new(), Seen { usage: u(11, 2), deltas: 3 }));
 
         // A cut stream: the held partial event comes out at the end.
         let mut tap = Tap::new(Format::OpenAi, true);
         assert_eq!(&*tap.feed(b"data: {\"choices\":[]"), b"");
-        assert_eq!(tap.finish(), (b"data: {\"choices\":[]".to_vec(), None));
+        assert_eq!(tap.finish(), (b"data: {\"choices\":[]".to_vec(), Seen::default()));
     }
 
     #[test]
@@ -1471,7 +1868,7 @@ mod tests {
             let (tail, got) = tap.finish();
             out.extend_from_slice(&tail);
             assert!(out == body.as_bytes(), "chunks of {size}: {} bytes out", out.len());
-            assert_eq!(got, u(1, 0));
+            assert_eq!(got.usage, u(1, 0));
         }
         // An event of exactly HOLD_CAP bytes is still hidden.
         let (head, foot) = (r#"data: {"choices":[],"usage":{},"p":""#, "\"}\n\n");
@@ -1484,15 +1881,72 @@ mod tests {
     }
 
     #[test]
+    fn output_chunks_are_counted() {
+        // Ollama: every object before the final one that carries a message or response.
+        assert_eq!(deltas(Format::OllamaGenerate, OLLAMA_CHAT_STREAM), 2);
+        assert_eq!(deltas(Format::OllamaGenerate, OLLAMA_TOOL_CALL_STREAM), 2);
+        assert_eq!(deltas(Format::OllamaGenerate, OLLAMA_GENERATE_SINGLE), 0);
+        let generate = "{\"response\":\"a\",\"done\":false}\n{\"response\":\"\",\"done\":false}\n";
+        assert_eq!(deltas(Format::OllamaGenerate, generate), 2);
+        // Errors, null messages and other objects are not output.
+        let other =
+            "{\"error\":\"x\"}\n{\"message\":null}\n{\"status\":\"x\"}\n{\"x\":{\"message\":{}}}\n";
+        assert_eq!(deltas(Format::OllamaGenerate, other), 0);
+        assert_eq!(deltas(Format::OllamaEmbed, OLLAMA_EMBED), 0);
+        // OpenAI: chunks with choices (not the usage chunk).
+        assert_eq!(deltas(Format::OpenAi, &openai_stream("\n", true)), 2);
+        assert_eq!(deltas(Format::OpenAi, &completions_stream("\r\n", true)), 3);
+        assert_eq!(deltas(Format::OpenAi, &completions_stream("\n", false)), 3);
+        assert_eq!(deltas(Format::OpenAi, r#"data: {"choices":{"a":1}}"#), 0);
+        // Anthropic: content deltas, not message_delta; Responses: `delta` events.
+        assert_eq!(deltas(Format::Anthropic, ANTHROPIC_STREAM), 1);
+        assert_eq!(deltas(Format::Anthropic, ANTHROPIC_OLLAMA_STREAM), 1);
+        assert_eq!(deltas(Format::Responses, RESPONSES_STREAM), 1);
+        // A cut stream keeps what it counted; an incomplete object is not counted.
+        let final_line = OLLAMA_CHAT_STREAM.trim_end().rfind('\n').unwrap() + 1;
+        let seen = run_seen(
+            Format::OllamaGenerate,
+            false,
+            &[&OLLAMA_CHAT_STREAM.as_bytes()[..final_line - 5]],
+        )
+        .1;
+        assert_eq!(seen, Seen { usage: None, deltas: 1 });
+    }
+
+    #[test]
+    fn charges() {
+        let seen = |usage, deltas| Seen { usage, deltas };
+        let c = |prompt, completion, estimated| {
+            Some(Charge { usage: Usage { prompt, completion }, estimated })
+        };
+        // Reported counts are charged whatever the status.
+        assert_eq!(charge(seen(u(3, 4), 9), 1000, Some(200)), c(3, 4, false));
+        assert_eq!(charge(seen(u(3, 4), 9), 1000, Some(500)), c(3, 4, false));
+        // Without counts: ⌈prompt bytes / 4⌉ plus one per output chunk, for a success or a
+        // client gone before the answer.
+        assert_eq!(charge(seen(None, 30), 5, Some(200)), c(2, 30, true));
+        assert_eq!(charge(seen(None, 0), 8, Some(200)), c(2, 0, true));
+        assert_eq!(charge(seen(None, 0), 0, Some(200)), c(0, 0, true));
+        assert_eq!(charge(seen(None, 0), 13, None), c(4, 0, true));
+        assert_eq!(charge(seen(None, 0), u64::MAX, None), c(u64::MAX / 4 + 1, 0, true));
+        // An error answer without counts costs nothing.
+        for status in [400, 404, 500, 502] {
+            assert_eq!(charge(seen(None, 3), 100, Some(status)), None);
+        }
+    }
+
+    #[test]
     fn boundary_independence() {
         let openai = openai_stream("\r\n", true);
-        let bodies: [(Format, &str); 12] = [
+        let completions = completions_stream("\n", true);
+        let bodies: [(Format, &str); 13] = [
             (Format::OllamaGenerate, OLLAMA_CHAT_STREAM),
             (Format::OllamaGenerate, OLLAMA_GENERATE_SINGLE),
             (Format::OllamaGenerate, OLLAMA_TOOL_CALL_STREAM),
             (Format::OllamaEmbed, OLLAMA_EMBED),
             (Format::OpenAi, OPENAI_JSON),
             (Format::OpenAi, &openai),
+            (Format::OpenAi, &completions),
             (Format::Anthropic, ANTHROPIC_STREAM),
             (Format::Anthropic, ANTHROPIC_OLLAMA_STREAM),
             (Format::Anthropic, ANTHROPIC_JSON),
@@ -1513,7 +1967,7 @@ mod tests {
     /// chunks: never a panic, never an edit without hiding, and chunking never matters.
     #[test]
     fn random_input_is_harmless() {
-        const PIECES: [&[u8]; 26] = [
+        const PIECES: [&[u8]; 31] = [
             b"{",
             b"}",
             b"[",
@@ -1540,6 +1994,11 @@ mod tests {
             b"\"done\":true",
             b"\"prompt_tokens\":",
             b"\xff\xc3",
+            b"\"usage\":{}",
+            b"\"choices\":[{}]",
+            b"\"delta\":",
+            b"\"message\":",
+            b"\"u\\u0073age\"",
         ];
         let formats = [
             Format::OllamaGenerate,
@@ -1562,19 +2021,26 @@ mod tests {
             if round % 3 == 0 {
                 // Sometimes a real body with noise spliced in.
                 let at = rng.below(body.len() + 1);
-                body.splice(at..at, openai_stream("\n", true).into_bytes());
+                let real = if round % 2 == 0 {
+                    openai_stream("\n", true)
+                } else {
+                    completions_stream("\r\n", true)
+                };
+                body.splice(at..at, real.into_bytes());
             }
             let format = formats[rng.below(formats.len())];
             for hide in [false, true] {
-                let expected = run(format, hide, &[&body]);
+                let expected = run_seen(format, hide, &[&body]);
                 if !hide {
                     assert_eq!(expected.0, body);
                 } else {
+                    // Hiding only removes bytes, and never changes what is counted.
                     assert!(expected.0.len() <= body.len());
+                    assert_eq!(expected.1, run_seen(format, false, &[&body]).1);
                 }
                 for _ in 0..4 {
                     let chunks = random_chunks(&mut rng, &body);
-                    assert_eq!(run(format, hide, &chunks), expected, "{format:?} {body:?}");
+                    assert_eq!(run_seen(format, hide, &chunks), expected, "{format:?} {body:?}");
                 }
             }
         }
@@ -1590,13 +2056,13 @@ data: [DONE]\n\n";
         let (rest, usage) = hiding.finish();
         out.extend_from_slice(&rest);
         assert!(out.len() < body.len(), "the usage event is hidden");
-        assert_eq!(usage, Some(Usage { prompt: 5, completion: 3 }));
+        assert_eq!(usage.usage, Some(Usage { prompt: 5, completion: 3 }));
         let mut kept = Tap::new(Format::OpenAi, true);
         kept.keep_every_byte();
         let mut out = kept.feed(body).into_owned();
         let (rest, usage) = kept.finish();
         out.extend_from_slice(&rest);
         assert_eq!(out, body);
-        assert_eq!(usage, Some(Usage { prompt: 5, completion: 3 }));
+        assert_eq!(usage.usage, Some(Usage { prompt: 5, completion: 3 }));
     }
 }

@@ -4,16 +4,48 @@
 
 mod support;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use support::setup::{WAIT, assert_error};
-use support::{Butler, FakeOllama, StreamingResponse, TempDir, get, request};
+use support::{Behavior, Butler, FakeOllama, StreamEnd, StreamingResponse, TempDir, get, request};
 
 const KEY: &str = "sk-budget-1-0a1b2c3d4e";
 
 fn config(upstream: &str, extra: &str) -> String {
+    config_budget(upstream, extra, 10)
+}
+
+fn config_budget(upstream: &str, extra: &str, per_minute: u64) -> String {
     format!(
         "listen: \"127.0.0.1:0\"\nupstream: \"{upstream}\"\n{extra}clients:\n  - name: b\n    \
-         key: \"{KEY}\"\n    allow_models: [\"*\"]\n    token_budget: {{ per_minute: 10 }}\n"
+         key: \"{KEY}\"\n    allow_models: [\"*\"]\n    token_budget: {{ per_minute: {per_minute} }}\n"
+    )
+}
+
+/// A streamed request with the test key.
+fn open(butler: &Butler, path: &str, body: &[u8]) -> StreamingResponse {
+    let auth = format!("Bearer {KEY}");
+    StreamingResponse::open(
+        butler.addr(),
+        "POST",
+        path,
+        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        body,
+    )
+}
+
+/// The `response` log line of the next request to `path` after `mark`.
+fn response_line(butler: &Butler, mark: usize, path: &str) -> Value {
+    butler
+        .wait_log_since(mark, |l| l["msg"] == "response" && l["path"] == path, WAIT)
+        .unwrap_or_else(|| panic!("no response line for {path}"))
+}
+
+/// The tokens a response line says were charged, and whether they were estimated.
+fn charged(line: &Value) -> (Option<u64>, Option<u64>, Option<bool>) {
+    (
+        line["prompt_tokens"].as_u64(),
+        line["completion_tokens"].as_u64(),
+        line["usage_estimated"].as_bool(),
     )
 }
 
@@ -185,4 +217,195 @@ fn the_state_file_is_never_written_through_a_planted_symlink() {
 
     let again = Butler::start_in(&dir, &yaml, &[], &[]);
     assert_eq!(usage(&again)["tokens"]["day"]["used"], 8);
+}
+
+/// The issue's example: 40-token streams cut early against a 30/min budget used to be charged
+/// nothing, so every one of them went through. A stream the upstream cuts after 30 tokens is
+/// now charged ⌈2 prompt bytes / 4⌉ = 1 + 30 tokens, and the next request is refused.
+#[test]
+fn a_stream_cut_by_the_upstream_is_charged_an_estimate() {
+    let fake = FakeOllama::start_with(Behavior {
+        tokens: 40,
+        drop_after_tokens: Some(30),
+        ..Behavior::default()
+    });
+    let butler = Butler::start(&config_budget(&fake.url(), "", 30));
+    let mark = butler.log_mark();
+    let body = br#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut stream = open(&butler, "/api/chat", body);
+    assert_eq!(stream.status, 200);
+    let text = String::from_utf8(stream.read_to_end(WAIT)).unwrap();
+    assert_eq!(stream.end(), Some(StreamEnd::Truncated));
+    assert_eq!(text.lines().count(), 30, "{text}");
+    let line = response_line(&butler, mark, "/api/chat");
+    assert_eq!(charged(&line), (Some(1), Some(30), Some(true)), "{line}");
+    assert_eq!(line["error"], "upstream closed mid-stream");
+    assert_eq!(usage(&butler)["tokens"]["minute"]["used"], 31);
+
+    assert_error(&chat(&butler), 429, "token budget exceeded");
+    assert_eq!(fake.requests_to("/api/chat").len(), 1);
+    let metrics = get(butler.addr(), "/metrics", &[]).body_str();
+    assert!(
+        metrics.contains(
+            "butler_tokens_total{client=\"b\",model=\"llama3.2:latest\",kind=\"completion\"} 30"
+        ),
+        "{metrics}"
+    );
+}
+
+/// A client that leaves mid-stream is charged what it got: the fake stalls after 30 chunks
+/// until butler hangs up, so butler has seen exactly those 30.
+#[test]
+fn a_client_leaving_mid_stream_is_charged_an_estimate() {
+    let fake = FakeOllama::start_with(Behavior {
+        tokens: 40,
+        stall_after_tokens: Some(30),
+        ..Behavior::default()
+    });
+    let butler = Butler::start(&config_budget(&fake.url(), "", 30));
+    let mark = butler.log_mark();
+    // Hidden usage: butler holds each event until its end, which comes in the same chunk.
+    let body =
+        br#"{"model":"llama3.2","stream":true,"messages":[{"role":"user","content":"hello"}]}"#;
+    let mut stream = open(&butler, "/v1/chat/completions", body);
+    assert_eq!(stream.status, 200);
+    for k in 0..30 {
+        let (data, _) = stream.next_sse_data(WAIT).expect("a chunk");
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(chunk["choices"][0]["delta"]["content"], format!("tok{k}"));
+    }
+    stream.disconnect();
+    assert!(fake.wait_client_gone(WAIT).is_some());
+    let line = response_line(&butler, mark, "/v1/chat/completions");
+    // ⌈5 / 4⌉ = 2 prompt tokens.
+    assert_eq!(charged(&line), (Some(2), Some(30), Some(true)), "{line}");
+    assert_eq!(line["error"], "client closed");
+    assert_eq!(usage(&butler)["tokens"]["minute"]["used"], 32);
+    assert_error(&chat(&butler), 429, "token budget exceeded");
+}
+
+/// A client that leaves before the answer starts (a model loading) is charged its prompt: the
+/// request reached Ollama, which may have evaluated it.
+#[test]
+fn a_client_leaving_before_the_answer_is_charged_its_prompt() {
+    let fake = FakeOllama::start_with(Behavior {
+        first_byte_delay: std::time::Duration::from_secs(3600),
+        ..Behavior::default()
+    });
+    let butler = Butler::start(&config_budget(&fake.url(), "", 1000));
+    let mark = butler.log_mark();
+    let auth = format!("Bearer {KEY}");
+    let body = br#"{"model":"llama3.2","prompt":"abcdefghijklm"}"#;
+    let raw = support::build_request(
+        butler.addr(),
+        "POST",
+        "/api/generate",
+        &[("Authorization", &auth)],
+        body,
+        true,
+    );
+    let mut conn = support::RawConn::connect(butler.addr());
+    conn.write(&raw).unwrap();
+    assert!(fake.wait_for_requests(1, WAIT));
+    drop(conn);
+    let line = response_line(&butler, mark, "/api/generate");
+    // ⌈13 / 4⌉ = 4.
+    assert_eq!(charged(&line), (Some(4), Some(0), Some(true)), "{line}");
+    assert_eq!(usage(&butler)["tokens"]["minute"]["used"], 4);
+}
+
+/// Streamed `/v1/completions` is charged: butler asks for the usage and, for a client that did
+/// not, hides it — the zero usage Ollama puts on every chunk and the final `choices: []` chunk —
+/// so the client gets exactly the bytes Ollama sends without `include_usage`. A client that
+/// asked gets Ollama's stream untouched.
+#[test]
+fn streamed_completions_are_charged_and_the_usage_hidden() {
+    let fake = FakeOllama::start();
+    let butler = Butler::start(&config_budget(&fake.url(), "", 1000));
+    let plain = br#"{"model":"llama3.2","prompt":"hi","stream":true}"#;
+    let direct = request(fake.addr(), "POST", "/v1/completions", &[], plain);
+    assert_eq!(direct.status, 200);
+    assert!(!direct.body_str().contains("usage"), "{}", direct.body_str());
+
+    let mark = butler.log_mark();
+    let mut stream = open(&butler, "/v1/completions", plain);
+    assert_eq!(stream.status, 200);
+    let body = stream.read_to_end(WAIT);
+    assert!(stream.ended_cleanly());
+    assert!(
+        body == direct.body,
+        "through butler: {:?}\ndirect: {:?}",
+        String::from_utf8_lossy(&body),
+        direct.body_str()
+    );
+    let seen = fake.last_request().unwrap().json();
+    assert_eq!(seen["stream_options"], json!({"include_usage": true}));
+    let line = response_line(&butler, mark, "/v1/completions");
+    assert_eq!(charged(&line), (Some(5), Some(3), None), "{line}");
+    assert_eq!(usage(&butler)["tokens"]["minute"]["used"], 8);
+
+    let asked = br#"{"model":"llama3.2","prompt":"hi","stream":true,"stream_options":{"include_usage":true}}"#;
+    let direct = request(fake.addr(), "POST", "/v1/completions", &[], asked);
+    let text = direct.body_str();
+    assert!(text.contains(r#""choices":[],"#), "{text}");
+    assert!(text.contains(r#""usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}"#));
+    let mut stream = open(&butler, "/v1/completions", asked);
+    let body = stream.read_to_end(WAIT);
+    assert!(body == direct.body, "{:?}", String::from_utf8_lossy(&body));
+    assert_eq!(usage(&butler)["tokens"]["minute"]["used"], 16);
+}
+
+/// `/v1/messages` is charged from `message_delta` (`input_tokens` + `output_tokens`), not from
+/// `message_start`, where Ollama puts its own estimate (50 here). A stream cut after
+/// `message_start` has no counts and is charged an estimate, not message_start's 50.
+#[test]
+fn messages_streams_are_charged_from_message_delta() {
+    let fake = FakeOllama::start_with(Behavior {
+        message_start_input_tokens: Some(50),
+        ..Behavior::default()
+    });
+    let butler = Butler::start(&config_budget(&fake.url(), "", 1000));
+    let body = br#"{"model":"llama3.2","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"hello world!"}]}"#;
+    let mark = butler.log_mark();
+    let mut stream = open(&butler, "/v1/messages", body);
+    let text = String::from_utf8(stream.read_to_end(WAIT)).unwrap();
+    assert!(text.contains(r#""input_tokens":50"#), "{text}");
+    let line = response_line(&butler, mark, "/v1/messages");
+    assert_eq!(charged(&line), (Some(5), Some(3), None), "{line}");
+    assert_eq!(usage(&butler)["tokens"]["minute"]["used"], 8);
+
+    fake.update_behavior(|b| b.drop_after_tokens = Some(2));
+    let mark = butler.log_mark();
+    let mut stream = open(&butler, "/v1/messages", body);
+    let text = String::from_utf8(stream.read_to_end(WAIT)).unwrap();
+    assert!(text.contains("message_start") && !text.contains("message_delta"), "{text}");
+    let line = response_line(&butler, mark, "/v1/messages");
+    // ⌈12 / 4⌉ = 3 prompt tokens, 2 content deltas.
+    assert_eq!(charged(&line), (Some(3), Some(2), Some(true)), "{line}");
+    assert_eq!(usage(&butler)["tokens"]["minute"]["used"], 13);
+}
+
+/// `/api/embeddings` reports no counts: it is charged ⌈prompt bytes / 4⌉, marked as an estimate.
+/// An error answer without counts costs nothing.
+#[test]
+fn legacy_embeddings_are_charged_an_estimate() {
+    let fake = FakeOllama::start();
+    let butler = Butler::start(&config_budget(&fake.url(), "", 1000));
+    let auth = format!("Bearer {KEY}");
+    let body = br#"{"model":"all-minilm","prompt":"abcdefghij"}"#;
+    let mark = butler.log_mark();
+    let r = request(butler.addr(), "POST", "/api/embeddings", &[("Authorization", &auth)], body);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({"embedding": [0.1, 0.2, 0.3]}));
+    let line = response_line(&butler, mark, "/api/embeddings");
+    assert_eq!(charged(&line), (Some(3), Some(0), Some(true)), "{line}");
+    assert_eq!(usage(&butler)["tokens"]["minute"]["used"], 3);
+
+    fake.update_behavior(|b| b.fail_status = Some(500));
+    let mark = butler.log_mark();
+    let r = request(butler.addr(), "POST", "/api/embeddings", &[("Authorization", &auth)], body);
+    assert_eq!(r.status, 500);
+    let line = response_line(&butler, mark, "/api/embeddings");
+    assert_eq!(charged(&line), (None, None, None), "{line}");
+    assert_eq!(usage(&butler)["tokens"]["minute"]["used"], 3);
 }

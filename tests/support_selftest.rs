@@ -100,6 +100,26 @@ fn drop_after_tokens_truncates_the_stream() {
 }
 
 #[test]
+fn stall_after_tokens_waits_for_the_client_to_leave() {
+    let fake = FakeOllama::start_with(Behavior {
+        tokens: 5,
+        stall_after_tokens: Some(2),
+        ..Behavior::default()
+    });
+    let mut stream = StreamingResponse::open(fake.addr(), "POST", "/api/generate", &[], b"{}");
+    for k in 0..2 {
+        let (line, _) = stream.next_json_line(WAIT).expect("token line");
+        assert_eq!(line["response"], format!("tok{k}"));
+    }
+    assert!(fake.wait_token(1, WAIT).is_some());
+    stream.disconnect();
+    assert!(fake.wait_client_gone(WAIT).is_some());
+    let written =
+        fake.event_log().iter().filter(|e| matches!(e, Event::TokenWritten { .. })).count();
+    assert_eq!(written, 2);
+}
+
+#[test]
 fn client_disconnect_mid_stream_is_reported() {
     let fake = FakeOllama::start_with(Behavior {
         token_delay: Duration::from_secs(10),
@@ -248,6 +268,42 @@ fn openai_sse_stream_with_usage() {
         json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
     );
     assert_eq!(events[3], "[DONE]");
+
+    // Completions put a zero usage on every chunk and repeat the last one with the counts,
+    // as Ollama does; `message_start` of `/v1/messages` can carry its own estimate.
+    let body = json!({"model": "m", "prompt": "p", "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let mut stream = StreamingResponse::open(
+        fake.addr(),
+        "POST",
+        "/v1/completions",
+        &[],
+        body.to_string().as_bytes(),
+    );
+    let mut events = Vec::new();
+    while let Some((data, _)) = stream.next_sse_data(WAIT) {
+        events.push(data);
+    }
+    assert_eq!(events.len(), 4, "{events:?}");
+    let zero = json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0});
+    for event in &events[..2] {
+        let chunk: serde_json::Value = serde_json::from_str(event).unwrap();
+        assert_eq!(chunk["usage"], zero);
+    }
+    let last: serde_json::Value = serde_json::from_str(&events[2]).unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["total_tokens"], 7);
+    fake.update_behavior(|b| b.message_start_input_tokens = Some(99));
+    let mut stream = StreamingResponse::open(
+        fake.addr(),
+        "POST",
+        "/v1/messages",
+        &[],
+        br#"{"model":"m","stream":true,"messages":[]}"#,
+    );
+    let (start, _) = stream.next_sse_data(WAIT).unwrap();
+    let start: serde_json::Value = serde_json::from_str(&start).unwrap();
+    assert_eq!(start["message"]["usage"]["input_tokens"], 99);
 
     // OpenAI's default is not to stream.
     let whole = request(fake.addr(), "POST", "/v1/chat/completions", &[], br#"{"model":"m"}"#);

@@ -67,9 +67,16 @@ pub struct Behavior {
     /// With `n >= tokens` all tokens and the final object are written, then the socket closes.
     /// Non-streamed responses get their head and half their body, then the close.
     pub drop_after_tokens: Option<usize>,
+    /// Stream this many tokens, then wait (watching the connection) until the client goes away,
+    /// so a test knows exactly how much of a stream butler saw before its client left.
+    pub stall_after_tokens: Option<usize>,
     /// Prompt tokens reported (`prompt_eval_count`, `usage.prompt_tokens`, ...). `None` omits
     /// `prompt_eval_count`, as Ollama does when the prompt was cached.
     pub prompt_tokens: Option<u64>,
+    /// `input_tokens` in `/v1/messages`' `message_start`, which Ollama fills with its own
+    /// estimate from the request (the real counts come in `message_delta`). `None`: the prompt
+    /// tokens.
+    pub message_start_input_tokens: Option<u64>,
     /// Models listed by `/api/tags`, `/api/ps`, `/v1/models` and known to `/v1/models/{id}`.
     pub models: Vec<String>,
     /// A base path the fake is mounted under (e.g. `/ollama`): stripped before routing, so
@@ -87,7 +94,9 @@ impl Default for Behavior {
             first_byte_delay: Duration::ZERO,
             fail_status: None,
             drop_after_tokens: None,
+            stall_after_tokens: None,
             prompt_tokens: Some(5),
+            message_start_input_tokens: None,
             models: vec!["llama3.2:latest".to_string(), "qwen2.5:7b".to_string()],
             path_prefix: String::new(),
         }
@@ -1064,6 +1073,10 @@ fn stream(out: &mut Out<'_>, b: &Behavior, plan: Plan) -> Flow {
         if b.drop_after_tokens == Some(index) {
             return Err(out.abort());
         }
+        if b.stall_after_tokens == Some(index) {
+            // Returns early with `Closed` once the client is gone (or the fake stops).
+            out.pause(Duration::from_secs(3600))?;
+        }
         let delay = match b.first_token_delay {
             Some(first) if index == 0 => first,
             _ => b.token_delay,
@@ -1205,12 +1218,16 @@ impl Gen<'_> {
         }
     }
 
+    /// As Ollama's middleware writes them (middleware/openai.go): with `include_usage`, chat
+    /// adds a last chunk with `choices: []` and the usage; completions put a zero usage on every
+    /// chunk and repeat the last chunk with `choices: []` and the usage.
     fn openai_plan(&self, chat: bool, include_usage: bool) -> Plan {
         let n = self.b.tokens;
+        let zero = json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0});
         let tokens = (0..n)
             .map(|i| {
                 let finish = if i + 1 == n { json!("stop") } else { Value::Null };
-                let v = if chat {
+                let mut v = if chat {
                     json!({"id": "chatcmpl-1", "object": "chat.completion.chunk",
                            "created": CREATED_UNIX, "model": self.model,
                            "system_fingerprint": "fp_ollama",
@@ -1224,6 +1241,9 @@ impl Gen<'_> {
                            "choices": [{"index": 0, "text": self.token(i),
                                         "finish_reason": finish}]})
                 };
+                if include_usage && !chat {
+                    v["usage"] = zero.clone();
+                }
                 format!("data: {v}\n\n")
             })
             .collect();
@@ -1264,7 +1284,8 @@ impl Gen<'_> {
         let start = json!({"type": "message_start",
                            "message": {"id": "msg_1", "type": "message", "role": "assistant",
                                        "model": self.model, "content": [], "stop_reason": null,
-                                       "usage": {"input_tokens": self.prompt(), "output_tokens": 0}}});
+                                       "usage": {"input_tokens": self.b.message_start_input_tokens.unwrap_or(self.prompt()),
+                                                 "output_tokens": 0}}});
         let block = json!({"type": "content_block_start", "index": 0,
                            "content_block": {"type": "text", "text": ""}});
         let tokens = (0..self.b.tokens)

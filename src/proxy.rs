@@ -193,7 +193,10 @@ impl Proxy {
                 _ => None,
             },
         };
-        let request = match self.build_request(ex, fwd, length) {
+        // An inspected body goes upstream as inspected: decoded, so without
+        // the client's `Content-Encoding` (SPEC §7.1).
+        let decoded = matches!(upload, Upload::Bytes(_));
+        let request = match self.build_request(ex, fwd, length, decoded) {
             Ok(r) => r,
             Err(reason) => {
                 let _ = ex.respond_json(400, &format!("{{\"error\":\"bad request: {reason}\"}}\n"));
@@ -398,6 +401,7 @@ impl Proxy {
         ex: &Exchange<'_>,
         fwd: &Forwarding<'_>,
         length: Option<u64>,
+        decoded: bool,
     ) -> Result<http::Request<()>, &'static str> {
         let head = &ex.head;
         let method =
@@ -417,7 +421,10 @@ impl Proxy {
             .collect();
         for (name, value) in &head.headers {
             let lower = name.to_ascii_lowercase();
-            if DROP_REQUEST.contains(&lower.as_str()) || connection_listed.contains(&lower) {
+            if DROP_REQUEST.contains(&lower.as_str())
+                || connection_listed.contains(&lower)
+                || (decoded && lower == "content-encoding")
+            {
                 continue;
             }
             builder = builder.header(name.as_str(), value.as_slice());

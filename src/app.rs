@@ -318,6 +318,20 @@ impl App {
             .collect();
         addr::client_ip(ex.peer().ip(), &xff, &self.trusted_proxies)
     }
+
+    /// The `X-Forwarded-Proto` to send upstream (SPEC §8): a trusted proxy's
+    /// (Caddy terminating TLS), else butler's own scheme.
+    fn forwarded_proto(&self, ex: &Exchange<'_>) -> &'static str {
+        let values: Vec<&str> = ex
+            .head
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("x-forwarded-proto"))
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+            .collect();
+        let own = if ex.is_tls() { "https" } else { "http" };
+        addr::forwarded_proto(ex.peer().ip(), &values, &self.trusted_proxies, own)
+    }
 }
 
 /// How a route reports token usage (SPEC §9); `/api/embeddings` reports none.
@@ -669,7 +683,7 @@ impl Service for App {
                     &Forwarding {
                         request_id: &id,
                         forwarded_for: &forwarded_for,
-                        proto: if ex.is_tls() { "https" } else { "http" },
+                        proto: self.forwarded_proto(ex),
                     },
                     plan.upload,
                     respond,

@@ -18,7 +18,8 @@ use crate::http::{BodyError, BodyLen, Exchange};
 use crate::usage::{Tap, Usage};
 
 /// Request headers never forwarded: hop-by-hop ones, credentials meant for
-/// butler, and the ones butler sets itself.
+/// butler, the ones butler sets itself, and `Origin`: butler has applied CORS
+/// already, and Ollama refuses origins it does not know with a bare 403.
 const DROP_REQUEST: &[&str] = &[
     "connection",
     "keep-alive",
@@ -34,6 +35,7 @@ const DROP_REQUEST: &[&str] = &[
     "proxy-authorization",
     "x-api-key",
     "cookie",
+    "origin",
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-request-id",

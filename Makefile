@@ -78,7 +78,7 @@ bench: build
 # Fuzz the pure parsers (not part of `make test`): FUZZ_SECS per target. Needs nightly Rust and
 # cargo-fuzz (`cargo install cargo-fuzz`).
 FUZZ_SECS ?= 60
-FUZZ_TARGETS := head chunked config inspect usage model_name
+FUZZ_TARGETS := head chunked config inspect usage model_name coding
 fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || { echo "error: make fuzz needs cargo-fuzz: cargo install cargo-fuzz" >&2; exit 1; }
 	cd fuzz && for t in $(FUZZ_TARGETS); do cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECS) -rss_limit_mb=2048 || exit 1; done

@@ -116,6 +116,27 @@ pub fn client_ip(peer: IpAddr, xff: &[&str], trusted: &[Cidr]) -> (IpAddr, Strin
     (client, forwarded)
 }
 
+/// The `X-Forwarded-Proto` to send upstream (SPEC §8): from a trusted proxy,
+/// the first value of the first such header if it is `http` or `https` (so
+/// Ollama behind Caddy's TLS learns the request was `https`); otherwise, and
+/// from anyone else, butler's own scheme (`own`).
+pub fn forwarded_proto(
+    peer: IpAddr,
+    values: &[&str],
+    trusted: &[Cidr],
+    own: &'static str,
+) -> &'static str {
+    if !any_contains(trusted, canonical(peer)) {
+        return own;
+    }
+    let first = values.first().and_then(|v| v.split(',').next()).map(str::trim);
+    match first {
+        Some(p) if p.eq_ignore_ascii_case("https") => "https",
+        Some(p) if p.eq_ignore_ascii_case("http") => "http",
+        _ => own,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +185,24 @@ mod tests {
         assert_eq!(client_ip(ip("10.0.0.2"), &[], &trusted), (ip("10.0.0.2"), "10.0.0.2".into()));
         // Every hop trusted: the left-most one.
         assert_eq!(client_ip(ip("127.0.0.1"), &["10.9.9.9"], &trusted).0, ip("10.9.9.9"));
+    }
+
+    #[test]
+    fn forwarded_proto_is_believed_only_from_trusted_proxies() {
+        let trusted = [Cidr::parse("10.0.0.0/8").unwrap()];
+        let caddy = ip("10.0.0.2");
+        assert_eq!(forwarded_proto(caddy, &["https"], &trusted, "http"), "https");
+        assert_eq!(forwarded_proto(caddy, &["HTTPS"], &trusted, "http"), "https");
+        assert_eq!(forwarded_proto(caddy, &["http"], &trusted, "https"), "http");
+        assert_eq!(forwarded_proto(ip("::ffff:10.0.0.2"), &["https"], &trusted, "http"), "https");
+        // The first value only, and only if it is a scheme butler knows.
+        assert_eq!(forwarded_proto(caddy, &[" https , http"], &trusted, "http"), "https");
+        assert_eq!(forwarded_proto(caddy, &["http", "https"], &trusted, "https"), "http");
+        assert_eq!(forwarded_proto(caddy, &["ws, https"], &trusted, "http"), "http");
+        assert_eq!(forwarded_proto(caddy, &[""], &trusted, "https"), "https");
+        assert_eq!(forwarded_proto(caddy, &[], &trusted, "http"), "http");
+        // An untrusted peer's claim is ignored.
+        assert_eq!(forwarded_proto(ip("192.0.2.1"), &["https"], &trusted, "http"), "http");
+        assert_eq!(forwarded_proto(ip("192.0.2.1"), &["http"], &[], "https"), "https");
     }
 }

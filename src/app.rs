@@ -18,6 +18,7 @@ use crate::addr::{self, Cidr};
 use crate::auth::password::{self, LoginError};
 use crate::auth::{Authenticator, Failure, Identity, SubjectKind};
 use crate::budget::Ledger;
+use crate::coding::{self, DecodeError};
 use crate::config::Config;
 use crate::cors::{Cors, Preflight};
 use crate::health::Health;
@@ -358,6 +359,20 @@ impl App {
             .collect();
         addr::client_ip(ex.peer().ip(), &xff, &self.trusted_proxies)
     }
+
+    /// The `X-Forwarded-Proto` to send upstream (SPEC §8): a trusted proxy's
+    /// (Caddy terminating TLS), else butler's own scheme.
+    fn forwarded_proto(&self, ex: &Exchange<'_>) -> &'static str {
+        let values: Vec<&str> = ex
+            .head
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("x-forwarded-proto"))
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+            .collect();
+        let own = if ex.is_tls() { "https" } else { "http" };
+        addr::forwarded_proto(ex.peer().ip(), &values, &self.trusted_proxies, own)
+    }
 }
 
 /// How a route reports token usage (SPEC §9); `/api/embeddings` reports none
@@ -527,14 +542,33 @@ impl App {
         let ceiling = policy
             .max_request_bytes
             .map_or(MAX_INSPECTED, |m| usize::try_from(m).unwrap_or(usize::MAX).min(MAX_INSPECTED));
+        // Over the ceiling, as sent or decoded: the subject's own limit when
+        // it is the smaller one.
+        let too_large = || {
+            if policy.max_request_bytes.is_some_and(|m| m <= MAX_INSPECTED as u64) {
+                Refusal::TooLarge
+            } else {
+                Refusal::BodyTooLarge
+            }
+        };
         let body = match ex.read_body_limited(ceiling) {
             Ok(Some(body)) => body,
-            Ok(None) if policy.max_request_bytes.is_some_and(|m| m <= MAX_INSPECTED as u64) => {
-                return Err(Refusal::TooLarge.into());
-            }
-            Ok(None) => return Err(Refusal::BodyTooLarge.into()),
+            Ok(None) => return Err(too_large().into()),
             Err(_) => return Err(body_failed(ex)),
         };
+        // A gzip or zstd body is inspected and forwarded decoded, under the
+        // same ceiling (SPEC §7.1, §7.5: size, then decoding, then parsing).
+        let codings = ex
+            .head
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("content-encoding"))
+            .map(|(_, v)| v.as_slice());
+        let coding = coding::coding(codings).map_err(|_| Refusal::UnsupportedEncoding)?;
+        let body = coding::decode(coding, body, ceiling).map_err(|e| match e {
+            DecodeError::TooLarge => too_large(),
+            DecodeError::Invalid(reason) => Refusal::BadRequest(reason.into()),
+        })?;
         let mut request = inspect::inspect(kind, &body).map_err(Refusal::BadRequest)?;
         let verdict = policy.judge(&request)?;
         plan.model = verdict.models.first().map(ModelName::label);
@@ -714,7 +748,7 @@ impl Service for App {
                     &Forwarding {
                         request_id: &id,
                         forwarded_for: &forwarded_for,
-                        proto: if ex.is_tls() { "https" } else { "http" },
+                        proto: self.forwarded_proto(ex),
                     },
                     plan.upload,
                     respond,

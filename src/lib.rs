@@ -8,6 +8,7 @@ pub mod app;
 pub mod auth;
 pub mod budget;
 pub mod cli;
+pub mod coding;
 pub mod config;
 pub mod cors;
 pub mod health;

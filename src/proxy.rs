@@ -18,7 +18,8 @@ use crate::http::{BodyError, BodyLen, Exchange};
 use crate::usage::{self, Charge, Tap};
 
 /// Request headers never forwarded: hop-by-hop ones, credentials meant for
-/// butler, and the ones butler sets itself.
+/// butler, the ones butler sets itself, and `Origin`: butler has applied CORS
+/// already, and Ollama refuses origins it does not know with a bare 403.
 const DROP_REQUEST: &[&str] = &[
     "connection",
     "keep-alive",
@@ -34,6 +35,7 @@ const DROP_REQUEST: &[&str] = &[
     "proxy-authorization",
     "x-api-key",
     "cookie",
+    "origin",
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-request-id",
@@ -199,7 +201,10 @@ impl Proxy {
                 _ => None,
             },
         };
-        let request = match self.build_request(ex, fwd, length) {
+        // An inspected body goes upstream as inspected: decoded, so without
+        // the client's `Content-Encoding` (SPEC §7.1).
+        let decoded = matches!(upload, Upload::Bytes(_));
+        let request = match self.build_request(ex, fwd, length, decoded) {
             Ok(r) => r,
             Err(reason) => {
                 let _ = ex.respond_json(400, &format!("{{\"error\":\"bad request: {reason}\"}}\n"));
@@ -416,6 +421,7 @@ impl Proxy {
         ex: &Exchange<'_>,
         fwd: &Forwarding<'_>,
         length: Option<u64>,
+        decoded: bool,
     ) -> Result<http::Request<()>, &'static str> {
         let head = &ex.head;
         let method =
@@ -435,7 +441,10 @@ impl Proxy {
             .collect();
         for (name, value) in &head.headers {
             let lower = name.to_ascii_lowercase();
-            if DROP_REQUEST.contains(&lower.as_str()) || connection_listed.contains(&lower) {
+            if DROP_REQUEST.contains(&lower.as_str())
+                || connection_listed.contains(&lower)
+                || (decoded && lower == "content-encoding")
+            {
                 continue;
             }
             builder = builder.header(name.as_str(), value.as_slice());

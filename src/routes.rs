@@ -34,6 +34,7 @@ const FIXED: &[&str] = &[
     "/api/tags",
     "/api/ps",
     "/api/version",
+    "/api/status",
     "/api/pull",
     "/api/push",
     "/api/delete",
@@ -82,7 +83,8 @@ pub enum Class {
     ModelInfoPath(String),
     /// Responses filtered to the models the subject may use.
     Listing(Listing),
-    /// `GET`/`HEAD` `/` and `/api/version`: authentication is enough.
+    /// `GET`/`HEAD` `/` and `/api/version`, `GET /api/status`:
+    /// authentication is enough.
     Info,
     /// `GET /butler/usage`: the caller's own usage and limits (SPEC §9);
     /// answered by butler, never forwarded.
@@ -136,6 +138,9 @@ pub fn classify(method: &str, path: &str) -> Class {
         "/api/tags" | "/api/ps" if read => Class::Listing(Listing::Ollama),
         "/v1/models" if read => Class::Listing(Listing::OpenAi),
         "/" | "/api/version" if read => Class::Info,
+        // Ollama serves only GET here (HEAD is its 405), and answers whether
+        // cloud models are disabled: nothing a subject may not know.
+        "/api/status" if method == "GET" => Class::Info,
         "/butler/usage" => Class::Usage,
         _ if one_segment_after(path, "/api/blobs/") => Class::Management(None),
         _ if read && one_segment_after(path, "/v1/models/") => {
@@ -169,6 +174,10 @@ mod tests {
         assert_eq!(classify("GET", "/api/tags"), Class::Listing(Listing::Ollama));
         assert_eq!(classify("DELETE", "/api/tags"), Class::Other);
         assert_eq!(classify("HEAD", "/"), Class::Info);
+        assert_eq!(classify("GET", "/api/status"), Class::Info);
+        assert_eq!(classify("HEAD", "/api/status"), Class::Other);
+        assert_eq!(classify("POST", "/api/status"), Class::Other);
+        assert_eq!(template("/api/status"), "/api/status");
         assert_eq!(classify("DELETE", "/api/delete"), Class::Management(Some(Kind::ModelOnly)));
         assert_eq!(classify("POST", "/api/blobs/sha256:ab"), Class::Management(None));
         assert_eq!(classify("GET", "/v1/models/m:7b"), Class::ModelInfoPath("m:7b".into()));

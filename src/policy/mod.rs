@@ -119,6 +119,9 @@ pub enum Refusal {
     TooLarge,
     /// Over the 8 MiB inspection ceiling.
     BodyTooLarge,
+    /// A `Content-Encoding` other than `gzip`, `zstd` or `identity` on an
+    /// inspected route (SPEC §7.1).
+    UnsupportedEncoding,
     BadRequest(String),
     ModelDenied,
     /// A cloud model without `allow_cloud` (SPEC §7.2).
@@ -161,6 +164,7 @@ impl Refusal {
             | Refusal::BudgetExceeded { .. } => 429,
             Refusal::Busy => 503,
             Refusal::TooLarge | Refusal::BodyTooLarge => 413,
+            Refusal::UnsupportedEncoding => 415,
             Refusal::BadRequest(_)
             | Refusal::RunnerOption(_)
             | Refusal::CtxExceeded { .. }
@@ -180,6 +184,7 @@ impl Refusal {
             Refusal::Busy => "server busy".into(),
             Refusal::TooLarge => "request too large".into(),
             Refusal::BodyTooLarge => "request body too large".into(),
+            Refusal::UnsupportedEncoding => "unsupported content encoding".into(),
             Refusal::BadRequest(reason) => format!("bad request: {reason}"),
             Refusal::ModelDenied => "model not allowed".into(),
             Refusal::CloudDenied => "cloud models not allowed".into(),
@@ -210,7 +215,9 @@ impl Refusal {
             Refusal::TooManyConcurrent | Refusal::Busy => "concurrency_limited",
             Refusal::BudgetExceeded { .. } => "budget_exceeded",
             Refusal::TooLarge | Refusal::BodyTooLarge => "too_large",
-            Refusal::BadRequest(_) | Refusal::RunnerOption(_) => "bad_request",
+            Refusal::BadRequest(_) | Refusal::RunnerOption(_) | Refusal::UnsupportedEncoding => {
+                "bad_request"
+            }
             Refusal::ModelDenied | Refusal::CloudDenied => "model_denied",
             Refusal::CtxExceeded { .. } => "num_ctx_exceeded",
             Refusal::PredictExceeded { .. } => "num_predict_exceeded",

@@ -934,6 +934,9 @@ fn respond(out: &mut Out<'_>, request: &Recorded, b: &Behavior) -> Flow {
     match path {
         "/" => out.send(200, "text/plain; charset=utf-8", b"Ollama is running"),
         "/api/version" => out.send_json(200, &json!({"version": "0.12.0"})),
+        "/api/status" => {
+            out.send_json(200, &json!({"cloud": {"disabled": false, "source": "none"}}))
+        }
         "/api/tags" => out.send_json(200, &bodies.tags()),
         "/api/ps" => out.send_json(200, &bodies.ps()),
         "/v1/models" => out.send_json(200, &bodies.openai_models()),

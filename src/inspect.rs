@@ -901,9 +901,9 @@ pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request<'_>, String> {
     };
     let unload = keep_alive_zero
         && match kind {
-            Kind::OllamaChat => read
-                .field(Field::Messages)
-                .is_none_or(|m| m == Val::Array { empty: true }),
+            Kind::OllamaChat => {
+                read.field(Field::Messages).is_none_or(|m| m == Val::Array { empty: true })
+            }
             Kind::OllamaGenerate => string(Field::Prompt).is_none_or(|p| empty(&p)),
             _ => false,
         };
@@ -1240,7 +1240,10 @@ impl Walk<'_, '_> {
     fn name(&mut self, key: &Event) -> Name {
         self.fold.clear();
         jsonscan::fold_into(jsonscan::text(self.src, key, &mut self.scratch), &mut self.fold);
-        NAMES.iter().find(|(n, _)| n.as_bytes() == self.fold.as_slice()).map_or(Name::Other, |n| n.1)
+        NAMES
+            .iter()
+            .find(|(n, _)| n.as_bytes() == self.fold.as_slice())
+            .map_or(Name::Other, |n| n.1)
     }
 
     fn text(&mut self, e: &Event) -> &str {
@@ -1471,7 +1474,6 @@ impl Body<'_> {
         read(Kind::OpenAiGenerate, src).map(|r| r.body)
     }
 
-
     /// The body with the edits spliced in: members removed with one adjoining comma, new
     /// members appended at the end of their object. Everything else is the bytes as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -1533,7 +1535,11 @@ impl Body<'_> {
                     append(&mut edits, obj, left, member);
                 }
                 Some((entry, None)) => {
-                    edits.push((entry.value_start, entry.end, b"{\"include_usage\":true}".to_vec()));
+                    edits.push((
+                        entry.value_start,
+                        entry.end,
+                        b"{\"include_usage\":true}".to_vec(),
+                    ));
                 }
                 None => top_new.push(b"\"stream_options\":{\"include_usage\":true}".to_vec()),
             }
@@ -2113,9 +2119,8 @@ mod tests {
         assert!(r(k, r#"{"model":"m","_DEBUG_RENDER_ONLY":true}"#).debug_render_only);
         assert!(!r(k, r#"{"model":"m","_debug_render_only":false}"#).debug_render_only);
         // Web search: a top-level tool whose type starts with web_search.
-        let ws = |kind, tools: &str| {
-            r(kind, &format!(r#"{{"model":"m","tools":{tools}}}"#)).web_search
-        };
+        let ws =
+            |kind, tools: &str| r(kind, &format!(r#"{{"model":"m","tools":{tools}}}"#)).web_search;
         assert!(ws(Kind::Messages, r#"[{"type":"web_search_20250305","name":"web_search"}]"#));
         assert!(ws(Kind::Responses, r#"[{"name":"f"},{"TYPE":"web_search"}]"#));
         assert!(!ws(Kind::Responses, r#"[{"type":"function","name":"web_search"}]"#));
@@ -2193,18 +2198,80 @@ mod tests {
     }
 
     const KEYS: &[&str] = &[
-        "model", "Model", "mod\\u0065l", "name", "messages", "Messages", "input", "system",
-        "content", "Content", "text", "role", "images", "image_url", "url", "source", "type",
-        "data", "options", "OPTIONS", "num_ctx", "num_predict", "NUM_PREDICT", "max_tokens",
-        "max_to\u{212a}ens", "max_completion_tokens", "max_output_tokens", "keep_alive",
-        "stream", "\u{17f}tream", "stream_options", "include_usage", "prompt",
-        "_debug_render_only", "tools", "shift", "context", "parameters", "remote_host", "from",
-        "destination", "modelfile", "num_gpu", "numa", "low_vram", "x", "y", "tool_result",
+        "model",
+        "Model",
+        "mod\\u0065l",
+        "name",
+        "messages",
+        "Messages",
+        "input",
+        "system",
+        "content",
+        "Content",
+        "text",
+        "role",
+        "images",
+        "image_url",
+        "url",
+        "source",
+        "type",
+        "data",
+        "options",
+        "OPTIONS",
+        "num_ctx",
+        "num_predict",
+        "NUM_PREDICT",
+        "max_tokens",
+        "max_to\u{212a}ens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "keep_alive",
+        "stream",
+        "\u{17f}tream",
+        "stream_options",
+        "include_usage",
+        "prompt",
+        "_debug_render_only",
+        "tools",
+        "shift",
+        "context",
+        "parameters",
+        "remote_host",
+        "from",
+        "destination",
+        "modelfile",
+        "num_gpu",
+        "numa",
+        "low_vram",
+        "x",
+        "y",
+        "tool_result",
     ];
     const STRINGS: &[&str] = &[
-        "", "m", "llama3.2", "hi\\nthere", "data:xyz", "base64", "user", "User", "the plan",
-        "web_search", "web_search_x", "5m", "0", "0s", "-1s", "caf\\u00e9", "a\\\"b",
-        "tool_result", "text", "image", "evil", "ev", "il", "\u{e9}t\u{e9}",
+        "",
+        "m",
+        "llama3.2",
+        "hi\\nthere",
+        "data:xyz",
+        "base64",
+        "user",
+        "User",
+        "the plan",
+        "web_search",
+        "web_search_x",
+        "5m",
+        "0",
+        "0s",
+        "-1s",
+        "caf\\u00e9",
+        "a\\\"b",
+        "tool_result",
+        "text",
+        "image",
+        "evil",
+        "ev",
+        "il",
+        "\u{e9}t\u{e9}",
     ];
     const NUMBERS: &[&str] =
         &["0", "1", "-1", "8192.0", "1e4", "0.5", "600", "99999", "-0", "7", "64", "1e-10"];

@@ -185,8 +185,7 @@ impl<'a> Reader<'a> {
                 self.failed = true;
                 // serde_json reports a duplicate key where it meets it: before any error
                 // further on, while its object is still open.
-                if self.validate && e != Error::Duplicate && self.open_objects_have_duplicates()
-                {
+                if self.validate && e != Error::Duplicate && self.open_objects_have_duplicates() {
                     Err(Error::Duplicate)
                 } else {
                     Err(e)
@@ -942,12 +941,41 @@ mod tests {
     /// Random JSON-ish text from fragments that exercise every rule, valid or not.
     fn random_body(rng: &mut Rng, depth: usize, out: &mut String) {
         const SCALARS: &[&str] = &[
-            "0", "-0", "1", "-1", "1.5", "1e400", "1e-400", "01", "1.", "-", "true", "false",
-            "null", "nul", "\"\"", "\"a\"", "\"\\n\"", "\"\\uD800\"", "\"\\uD83D\\uDE00\"",
-            "\"\\u00e9\"", "\"\\x\"", "\"\u{e9}\"", "\"\x01\"", "18446744073709551616",
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "1.5",
+            "1e400",
+            "1e-400",
+            "01",
+            "1.",
+            "-",
+            "true",
+            "false",
+            "null",
+            "nul",
+            "\"\"",
+            "\"a\"",
+            "\"\\n\"",
+            "\"\\uD800\"",
+            "\"\\uD83D\\uDE00\"",
+            "\"\\u00e9\"",
+            "\"\\x\"",
+            "\"\u{e9}\"",
+            "\"\x01\"",
+            "18446744073709551616",
         ];
-        const KEYS: &[&str] =
-            &["\"a\"", "\"A\"", "\"b\"", "\"\u{17f}\"", "\"s\"", "\"\\u0061\"", "\"k\"", "\"\u{212a}\""];
+        const KEYS: &[&str] = &[
+            "\"a\"",
+            "\"A\"",
+            "\"b\"",
+            "\"\u{17f}\"",
+            "\"s\"",
+            "\"\\u0061\"",
+            "\"k\"",
+            "\"\u{212a}\"",
+        ];
         const SPACE: &[&str] = &["", "", "", " ", "\n", "\x0c"];
         const GLUE: &[&str] = &[",", ",", ",", ",", "", ":", ",,"];
         out.push_str(rng.pick(SPACE));
@@ -959,10 +987,10 @@ mod tests {
                         out.push_str(rng.pick(GLUE));
                     }
                     out.push_str(rng.pick(KEYS));
-                    out.push_str(if rng.next() % 20 == 0 { "" } else { ":" });
+                    out.push_str(if rng.next().is_multiple_of(20) { "" } else { ":" });
                     random_body(rng, depth + 1, out);
                 }
-                out.push_str(if rng.next() % 20 == 0 { "]" } else { "}" });
+                out.push_str(if rng.next().is_multiple_of(20) { "]" } else { "}" });
             }
             1 if depth < 6 => {
                 out.push('[');
@@ -972,7 +1000,7 @@ mod tests {
                     }
                     random_body(rng, depth + 1, out);
                 }
-                out.push_str(if rng.next() % 20 == 0 { "}" } else { "]" });
+                out.push_str(if rng.next().is_multiple_of(20) { "}" } else { "]" });
             }
             _ => out.push_str(rng.pick(SCALARS)),
         }
@@ -988,7 +1016,7 @@ mod tests {
             random_body(&mut rng, 0, &mut body);
             same(body.as_bytes());
             // And every prefix of some: truncation is the commonest malformation.
-            if rng.next() % 16 == 0 {
+            if rng.next().is_multiple_of(16) {
                 for cut in 0..body.len() {
                     same(&body.as_bytes()[..cut]);
                 }
@@ -1002,9 +1030,8 @@ mod tests {
         let alphabet = b"{}[]\":,\\ 0123456789-+.eEtrufalsn\x01\xc3\xa9\xff u";
         for _ in 0..50_000 {
             let len = (rng.next() % 24) as usize;
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| alphabet[(rng.next() % alphabet.len() as u64) as usize])
-                .collect();
+            let bytes: Vec<u8> =
+                (0..len).map(|_| alphabet[(rng.next() % alphabet.len() as u64) as usize]).collect();
             same(&bytes);
         }
     }

@@ -15,8 +15,10 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
+use std::time::Duration;
 
 use support::{Butler, Canned, FakeOllama, request};
 
@@ -167,15 +169,31 @@ fn worst_cases() -> Vec<(&'static str, Vec<u8>)> {
 
 fn start(fake: &FakeOllama, workers: usize) -> Butler {
     // A canned answer: the fake then does not parse what it receives.
-    let answer = Canned::json(200, &serde_json::json!({"message": {"content": "ok"}, "done": true}));
+    let answer =
+        Canned::json(200, &serde_json::json!({"message": {"content": "ok"}, "done": true}));
     fake.set_route("POST", "/api/chat", answer);
     Butler::start(&yaml(&fake.url(), workers))
 }
 
+/// Posts `body` to `/api/chat` and waits until butler has finished with the request (its
+/// `response` log line comes after the body has been freed), so that RSS read afterwards is
+/// butler's state after the request.
 fn post(butler: &Butler, key: &str, body: &[u8]) -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let id = format!("memory-{}", NEXT.fetch_add(1, Ordering::SeqCst));
     let auth = format!("Bearer {key}");
-    let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
-    request(butler.addr(), "POST", "/api/chat", &headers, body).status
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+        ("X-Request-Id", id.as_str()),
+    ];
+    let status = request(butler.addr(), "POST", "/api/chat", &headers, body).status;
+    let done = butler.wait_log(
+        |v| v["msg"] == "response" && v["request_id"] == id.as_str(),
+        Duration::from_secs(30),
+    );
+    assert!(done.is_some(), "no response log line for {id}\n{}", butler.output());
+    status
 }
 
 /// Warms butler up: every worker thread and code path a large request takes has run once.
@@ -221,7 +239,12 @@ fn inspecting_an_8_mib_body_takes_at_most_four_times_its_size() {
     }
     let (end_rss, _) = rss_and_peak(pid);
     eprintln!("{}", report.join("\n"));
-    assert!(failures.is_empty(), "over budget:\n{}\n\nall:\n{}", failures.join("\n"), report.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "over budget:\n{}\n\nall:\n{}",
+        failures.join("\n"),
+        report.join("\n")
+    );
     assert!(
         end_rss <= start_rss + AFTER_BUDGET,
         "RSS grew from {} to {} MiB over the run",
@@ -242,7 +265,8 @@ fn six_large_bodies_at_once_give_their_memory_back() {
     let butler = Arc::new(start(&fake, PARALLEL));
     let pid = butler.pid();
     // Warm every worker: PARALLEL requests at once, twice.
-    let small = br#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#.to_vec();
+    let small =
+        Arc::new(br#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#.to_vec());
     let bodies: Vec<Arc<Vec<u8>>> =
         worst_cases().into_iter().map(|(_, body)| Arc::new(body)).collect();
     let run_all = |bodies: Vec<Arc<Vec<u8>>>| {
@@ -262,7 +286,7 @@ fn six_large_bodies_at_once_give_their_memory_back() {
         threads.into_iter().map(|t| t.join().expect("client thread")).collect::<Vec<u16>>()
     };
     for _ in 0..2 {
-        run_all(vec![Arc::new(small.clone()); PARALLEL]);
+        run_all((0..PARALLEL).map(|_| Arc::clone(&small)).collect());
     }
     let (before, _) = rss_and_peak(pid);
     reset_peak(pid);
@@ -284,5 +308,10 @@ fn six_large_bodies_at_once_give_their_memory_back() {
         "peak +{} MiB",
         peak.saturating_sub(before) / MIB
     );
-    assert!(after <= before + AFTER_BUDGET, "RSS {} MiB after, {} before", after / MIB, before / MIB);
+    assert!(
+        after <= before + AFTER_BUDGET,
+        "RSS {} MiB after, {} before",
+        after / MIB,
+        before / MIB
+    );
 }

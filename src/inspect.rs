@@ -389,6 +389,14 @@ pub struct Request<'a> {
     pub body: Body<'a>,
 }
 
+/// Keys longer than this (as sent) name no field butler reads, and are not decoded to be
+/// compared: the longest name is 21 bytes, and an escape takes at most 12 bytes per character.
+const MAX_NAME: usize = 21 * 12;
+
+/// Decoding buffers larger than this are freed after use rather than kept for the next
+/// string.
+const SCRATCH_KEPT: usize = 64 * 1024;
+
 /// Roles a chat template writes as a label; any other role value is copied
 /// into the prompt and scanned like any text (SPEC §7.4).
 const STANDARD_ROLES: &[&str] = &["system", "user", "assistant", "tool", "developer", "function"];
@@ -571,11 +579,10 @@ impl<'a> Reading<'a> {
         self.r.next()?.ok_or(jsonscan::Error::Invalid)
     }
 
-    /// The folded text of a key (into `self.fold`).
-    fn fold(&mut self, key: &Event) {
-        self.fold.clear();
-        let text = jsonscan::text(self.src, key, &mut self.scratch);
-        jsonscan::fold_into(text, &mut self.fold);
+    /// The folded text of a key (into `self.fold`), unless it is too long to name a field
+    /// butler reads (then `self.fold` is empty): a long key is never copied.
+    fn fold(&mut self, key: &Event) -> bool {
+        jsonscan::fold_short(self.src, key, MAX_NAME, &mut self.fold)
     }
 
     /// Reads the rest of a value whose first event is `v`: what it is, and where it ends.
@@ -699,10 +706,13 @@ impl<'a> Reading<'a> {
                 return Ok(obj);
             }
             obj.entries += 1;
-            self.fold(&key);
+            let short = self.fold(&key);
             let v = self.next()?;
             let (val, end) = self.value(v)?;
             let entry = Entry { start: key.start, value_start: v.start, end };
+            if !short {
+                continue;
+            }
             if let Some(usage) = usage.as_deref_mut() {
                 if self.fold == b"include_usage" {
                     *usage = Some((entry, val == Val::Bool(true)));
@@ -751,8 +761,7 @@ impl<'a> Reading<'a> {
                     let is_type = self.fold == b"type";
                     let v = self.next()?;
                     if is_type && v.token == Token::String {
-                        let text = jsonscan::text(self.src, &v, &mut self.scratch);
-                        *found |= text.starts_with("web_search");
+                        *found |= jsonscan::starts_with(self.src, &v, "web_search");
                     }
                     self.r.skip(&v)?;
                 },
@@ -1215,7 +1224,6 @@ struct Walk<'a, 'f> {
     src: &'a [u8],
     kind: Kind,
     r: Reader<'a>,
-    scratch: Vec<u8>,
     fold: Vec<u8>,
     /// Present when joined message texts are wanted.
     joiner: Option<Joiner>,
@@ -1237,17 +1245,16 @@ impl Walk<'_, '_> {
         }
     }
 
+    /// What a key names (folded into `self.fold`; a long key names nothing and is not
+    /// copied).
     fn name(&mut self, key: &Event) -> Name {
-        self.fold.clear();
-        jsonscan::fold_into(jsonscan::text(self.src, key, &mut self.scratch), &mut self.fold);
+        if !jsonscan::fold_short(self.src, key, MAX_NAME, &mut self.fold) {
+            return Name::Other;
+        }
         NAMES
             .iter()
             .find(|(n, _)| n.as_bytes() == self.fold.as_slice())
             .map_or(Name::Other, |n| n.1)
-    }
-
-    fn text(&mut self, e: &Event) -> &str {
-        jsonscan::text(self.src, e, &mut self.scratch)
     }
 
     /// Whether the object at `at` has a `type` (folded, not null) that is exactly
@@ -1264,7 +1271,7 @@ impl Walk<'_, '_> {
             }
             let Ok(Some(v)) = r.next() else { return false };
             if self.name(&key) == Name::Other && self.fold == b"type" {
-                return v.token == Token::String && self.text(&v) == "base64";
+                return v.token == Token::String && jsonscan::is(self.src, &v, "base64");
             }
             if r.skip(&v).is_err() {
                 return false;
@@ -1323,7 +1330,10 @@ impl Walk<'_, '_> {
             let name = self.name(&key);
             let v = self.next()?;
             let (string, array) = (v.token == Token::String, v.token == Token::BeginArray);
-            if name == Name::Role && string && STANDARD_ROLES.contains(&self.text(&v)) {
+            if name == Name::Role
+                && string
+                && STANDARD_ROLES.iter().any(|role| jsonscan::is(src, &v, role))
+            {
                 continue;
             }
             // The value's part in the message's text, and whether it starts a message's.
@@ -1346,7 +1356,7 @@ impl Walk<'_, '_> {
                 }
                 _ => Parts::None,
             };
-            let data_url = |w: &mut Self| string && w.text(&v).starts_with("data:");
+            let data_url = |_: &mut Self| string && jsonscan::starts_with(src, &v, "data:");
             let mut child_msg = msg;
             let child = match (place, name) {
                 (Place::Top, Name::Model) if string => continue,
@@ -1412,7 +1422,6 @@ impl<'a> Request<'a> {
             src,
             kind: self.kind,
             r: Reader::trusted(src),
-            scratch: Vec::new(),
             fold: Vec::new(),
             joiner: joins.then(Joiner::default),
             visit,
@@ -1458,7 +1467,12 @@ impl<'a> Request<'a> {
         self.walk(true, &mut |item| {
             let found = match item {
                 Item::Key(e) | Item::Value(e) => {
-                    hit(jsonscan::text(src, &e, &mut scratch), Origin::Body)
+                    let found = hit(jsonscan::text(src, &e, &mut scratch), Origin::Body);
+                    // A long escaped text is decoded once; its buffer is not kept.
+                    if scratch.capacity() > SCRATCH_KEPT {
+                        scratch = Vec::new();
+                    }
+                    found
                 }
                 Item::Joined(origin, text) => hit(text, origin),
             };
@@ -2594,6 +2608,37 @@ mod tests {
                 agree(kind, body);
             }
         }
+    }
+
+    #[test]
+    fn the_deepest_body_is_walked_on_a_worker_stack() {
+        // Content blocks nested as deep as the parser allows (each level an object and an
+        // array), walked on a stack the size of a worker's (1 MiB), unoptimised.
+        let levels = (jsonscan::MAX_DEPTH - 4) / 2;
+        let mut body = String::from(r#"{"model":"m","messages":[{"content":"#);
+        for _ in 0..levels {
+            body.push_str(r#"[{"text":"t","source":{"type":"base64","data":"d"},"content":"#);
+        }
+        body.push_str(r#""x""#);
+        body.push_str(&"}]".repeat(levels));
+        body.push_str("}]}");
+        let run = move || {
+            let mut r = inspect(Kind::Messages, body.as_bytes()).expect("accepted");
+            let mut joined = 0;
+            r.scan_from(|_, origin| {
+                joined += usize::from(origin != Origin::Body);
+                false
+            });
+            let mut texts = 0;
+            r.for_each_text(|_| texts += 1);
+            assert!(inject_predict(Kind::Messages, &mut r.body, 5));
+            assert!(inspect(Kind::Messages, &r.body.to_bytes()).is_ok());
+            (joined, texts)
+        };
+        let (joined, texts) =
+            std::thread::Builder::new().stack_size(1 << 20).spawn(run).unwrap().join().unwrap();
+        assert_eq!(joined, 2, "the message's parts joined with \"\" and \"\\n\"");
+        assert_eq!(texts, 2 * levels + 1, "each level's text and source type, and the last");
     }
 
     #[test]

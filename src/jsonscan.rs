@@ -26,6 +26,7 @@
 //! `n log n` per object of `n` keys.
 
 use std::borrow::Cow;
+use std::hash::{BuildHasher, Hasher, RandomState};
 
 use crate::inspect::Num;
 
@@ -129,7 +130,8 @@ pub struct Reader<'a> {
     validate: bool,
     /// (hash of the folded key, offset of its opening quote) for the keys of open objects.
     keys: Vec<(u32, u32)>,
-    fold: Vec<u8>,
+    /// Keyed per reader, so that no body can be made of keys whose hashes collide.
+    hasher: Option<RandomState>,
     failed: bool,
 }
 
@@ -159,7 +161,7 @@ impl<'a> Reader<'a> {
             stack: Vec::new(),
             validate,
             keys: Vec::new(),
-            fold: Vec::new(),
+            hasher: None,
             failed: false,
         }
     }
@@ -446,18 +448,22 @@ impl<'a> Reader<'a> {
         Ok(escaped)
     }
 
-    /// Go's folding of a key, hashed (FNV-1a). Equal folded keys hash equally; unequal ones
-    /// that collide are told apart when the object closes.
+    /// Go's folding of a key, hashed as it is decoded (no copy of the key is made). Equal
+    /// folded keys hash equally; unequal ones that collide are told apart when the object
+    /// closes.
     fn folded_hash(&mut self, key: &Event) -> u32 {
-        let mut fold = std::mem::take(&mut self.fold);
-        fold.clear();
-        fold_event_into(self.src, key, &mut fold);
-        let mut hash: u32 = 0x811c_9dc5;
-        for &b in &fold {
-            hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        let mut hasher = self.hasher.get_or_insert_with(RandomState::new).build_hasher();
+        let mut buf = [0u8; 64];
+        let mut n = 0;
+        for c in chars(key.content(self.src)) {
+            n += fold_char(c, &mut buf[n..]);
+            if n > buf.len() - 4 {
+                hasher.write(&buf[..n]);
+                n = 0;
+            }
         }
-        self.fold = fold;
-        hash
+        hasher.write(&buf[..n]);
+        hasher.finish() as u32
     }
 
     fn open_objects_have_duplicates(&mut self) -> bool {
@@ -512,27 +518,121 @@ fn has_duplicates(src: &[u8], keys: &mut [(u32, u32)]) -> bool {
 
 /// Appends the Go folding of a key or string event's text (see [`fold_into`]).
 fn fold_event_into(src: &[u8], event: &Event, out: &mut Vec<u8>) {
-    let content = event.content(src);
-    if !event.escaped && content.is_ascii() {
-        out.extend(content.iter().map(u8::to_ascii_lowercase));
-        return;
+    let mut buf = [0u8; 4];
+    for c in chars(event.content(src)) {
+        let n = fold_char(c, &mut buf);
+        out.extend_from_slice(&buf[..n]);
     }
-    let mut decoded = Vec::new();
-    decode_into(content, &mut decoded);
-    fold_into(&String::from_utf8_lossy(&decoded), out);
+}
+
+/// Writes the Go folding of one character (ASCII letters to lower case, `ſ` to `s`, the
+/// Kelvin sign to `k`, anything else as it is) as UTF-8 at the start of `out` (at least 4
+/// bytes); returns its length.
+fn fold_char(c: char, out: &mut [u8]) -> usize {
+    let c = match c {
+        '\u{17f}' => 's',
+        '\u{212a}' => 'k',
+        c => c.to_ascii_lowercase(),
+    };
+    c.encode_utf8(out).len()
 }
 
 /// Appends `s` folded the way Go's `encoding/json` matches a key against a field name: ASCII
 /// letters to lower case, `ſ` to `s`, the Kelvin sign to `k`, everything else as it is (see
 /// [`crate::inspect::fold_key`]).
 pub fn fold_into(s: &str, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 4];
     for c in s.chars() {
-        match c {
-            '\u{17f}' => out.push(b's'),
-            '\u{212a}' => out.push(b'k'),
-            c if c.is_ascii() => out.push(c.to_ascii_lowercase() as u8),
-            c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+        let n = fold_char(c, &mut buf);
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The folding of a key or string event's text into `out` (cleared first), if its content
+/// is at most `max` bytes as sent: a longer key names none of the fields butler reads, and
+/// is not copied.
+pub fn fold_short(src: &[u8], event: &Event, max: usize, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    if event.content(src).len() > max {
+        return false;
+    }
+    fold_event_into(src, event, out);
+    true
+}
+
+/// Whether the text of a key or string event starts with `prefix`, decoding no more of it
+/// than that.
+pub fn starts_with(src: &[u8], event: &Event, prefix: &str) -> bool {
+    let mut text = chars(event.content(src));
+    prefix.chars().all(|p| text.next() == Some(p))
+}
+
+/// Whether the text of a key or string event is exactly `word`, decoding no more of it than
+/// that.
+pub fn is(src: &[u8], event: &Event, word: &str) -> bool {
+    let mut text = chars(event.content(src));
+    word.chars().all(|p| text.next() == Some(p)) && text.next().is_none()
+}
+
+/// The characters of a validated string's content (the bytes between its quotes), escapes
+/// decoded, without copying. Malformed input (never met after validation) ends early.
+pub fn chars(content: &[u8]) -> Chars<'_> {
+    Chars { content, at: 0, run: "".chars() }
+}
+
+/// See [`chars`].
+pub struct Chars<'a> {
+    content: &'a [u8],
+    at: usize,
+    /// The plain run being read.
+    run: std::str::Chars<'a>,
+}
+
+impl Iterator for Chars<'_> {
+    type Item = char;
+
+    fn next(&mut self) -> Option<char> {
+        loop {
+            if let Some(c) = self.run.next() {
+                return Some(c);
+            }
+            let rest = self.content.get(self.at..).filter(|r| !r.is_empty())?;
+            if rest[0] == b'\\' {
+                let end = escape_end(self.content, self.at)?;
+                let c = escape_char(self.content, self.at, end);
+                self.at = end;
+                return Some(c);
+            }
+            // Plain bytes up to the next escape: valid UTF-8 on their own, as no escape
+            // can complete or split a raw character.
+            let len = rest.iter().position(|&b| b == b'\\').unwrap_or(rest.len());
+            self.run = std::str::from_utf8(&rest[..len]).unwrap_or_default().chars();
+            self.at += len;
         }
+    }
+}
+
+/// The character of the escape `content[at..end]` (checked by [`escape_end`]).
+fn escape_char(content: &[u8], at: usize, end: usize) -> char {
+    match content[at + 1] {
+        b'b' => '\u{8}',
+        b'f' => '\u{c}',
+        b'n' => '\n',
+        b'r' => '\r',
+        b't' => '\t',
+        b'u' => {
+            let n = u32::from(hex4(content, at + 2).unwrap_or(0));
+            let c = if end - at == 12 {
+                let n2 = u32::from(hex4(content, at + 8).unwrap_or(0));
+                0x10000
+                    + ((n.wrapping_sub(0xD800) & 0x3ff) << 10)
+                    + (n2.wrapping_sub(0xDC00) & 0x3ff)
+            } else {
+                n
+            };
+            char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER)
+        }
+        other => char::from(other),
     }
 }
 
@@ -587,25 +687,8 @@ pub fn decode_into(content: &[u8], out: &mut Vec<u8>) {
             break;
         }
         let Some(end) = escape_end(content, i) else { return };
-        match content[i + 1] {
-            b'b' => out.push(0x08),
-            b'f' => out.push(0x0c),
-            b'n' => out.push(b'\n'),
-            b'r' => out.push(b'\r'),
-            b't' => out.push(b'\t'),
-            b'u' => {
-                let n = u32::from(hex4(content, i + 2).unwrap_or(0));
-                let c = if end - i == 12 {
-                    let n2 = u32::from(hex4(content, i + 8).unwrap_or(0));
-                    0x10000 + ((n - 0xD800) << 10) + (n2.wrapping_sub(0xDC00) & 0x3ff)
-                } else {
-                    n
-                };
-                let c = char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER);
-                out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
-            }
-            other => out.push(other),
-        }
+        let c = escape_char(content, i, end);
+        out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
         i = end;
     }
 }

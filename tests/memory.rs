@@ -157,6 +157,34 @@ fn worst_cases() -> Vec<(&'static str, Vec<u8>)> {
                 "]}]",
             ),
         ),
+        // Two strings of nearly 4 MiB with an escape each, the two text parts of one
+        // message: each is decoded to be scanned, and both are joined twice.
+        (
+            "two long parts of one message",
+            fill(
+                "\"messages\":[{\"role\":\"user\",\"content\":[",
+                |i| match i {
+                    0 | 1 => format!("\"{}\\n\"", "x".repeat(MAX_BODY / 2 - 64)),
+                    _ => "\"\"".into(),
+                },
+                "]}]",
+            ),
+        ),
+        // One key of nearly 8 MiB, all escapes: folded and hashed for the duplicate check.
+        (
+            "one long escaped key",
+            fill(
+                "",
+                |i| {
+                    if i == 0 {
+                        format!("\"{}\":0", "\\u00e9".repeat(MAX_BODY / 6 - 16))
+                    } else {
+                        format!("\"k{i}\":0")
+                    }
+                },
+                "",
+            ),
+        ),
         // One plain string of nearly 8 MiB.
         ("one long prompt", {
             let head = "{\"model\":\"llama3.2\",\"messages\":[{\"role\":\"user\",\"content\":\"";

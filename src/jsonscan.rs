@@ -762,12 +762,18 @@ impl serde::de::Visitor<'_> for NumVisitor {
     }
 }
 
-/// Reads `src` whole with a validating reader: the error a body gets, if any (for tests and
-/// fuzzing against serde_json).
-pub fn validate(src: &[u8]) -> Result<(), Error> {
+/// Reads `src` whole with a validating reader: the reason a body is refused, if it is, worded
+/// as [`crate::inspect::parse_any`] words it (for tests and fuzzing against serde_json).
+pub fn validate(src: &[u8]) -> Result<(), &'static str> {
     let mut reader = Reader::new(src);
-    while reader.next()?.is_some() {}
-    reader.finish()
+    loop {
+        match reader.next() {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => return Err(e.reason()),
+        }
+    }
+    reader.finish().map_err(|_| "trailing data after the JSON object")
 }
 
 #[cfg(test)]
@@ -781,15 +787,7 @@ mod tests {
     }
 
     fn ours(src: &[u8]) -> Result<(), &'static str> {
-        let mut reader = Reader::new(src);
-        loop {
-            match reader.next() {
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(e) => return Err(e.reason()),
-            }
-        }
-        reader.finish().map_err(|_| "trailing data after the JSON object")
+        validate(src)
     }
 
     #[track_caller]

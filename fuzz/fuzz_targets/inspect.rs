@@ -103,10 +103,8 @@ fuzz_target!(|data: &[u8]| {
     let ours = jsonscan::validate(data);
     assert_eq!(ours, theirs, "{:?}", String::from_utf8_lossy(data));
 
-    let acl = ModelAcl::new(
-        vec![Pattern::parse("*").unwrap()],
-        vec![Pattern::parse("denied").unwrap()],
-    );
+    let acl =
+        ModelAcl::new(vec![Pattern::parse("*").unwrap()], vec![Pattern::parse("denied").unwrap()]);
     let policy = Grant::single(Arc::new(Policy {
         models: acl,
         max_ctx: Some(4096),
@@ -119,9 +117,11 @@ fuzz_target!(|data: &[u8]| {
         let mut bytes = 0;
         request.for_each_text(|t| bytes += t.len());
         let Ok(verdict) = policy.judge(&request) else { continue };
-        let cap = verdict.inject_predict.filter(|&cap| inject_predict(kind, &mut request.body, cap));
+        let cap =
+            verdict.inject_predict.filter(|&cap| inject_predict(kind, &mut request.body, cap));
         let usage = kind == Kind::OpenAiGenerate && include_usage(&mut request.body);
-        let forwarded = if cap.is_some() || usage { request.body.to_bytes() } else { data.to_vec() };
+        let forwarded =
+            if cap.is_some() || usage { request.body.to_bytes() } else { data.to_vec() };
         // What is forwarded is still one object that names no denied model
         // and does nothing the subject has no right to.
         let again = inspect(kind, &forwarded).expect("forwarded body re-inspects");

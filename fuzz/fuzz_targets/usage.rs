@@ -4,13 +4,8 @@
 use butler::usage::{Format, Tap};
 use libfuzzer_sys::fuzz_target;
 
-const FORMATS: [Format; 5] = [
-    Format::OllamaGenerate,
-    Format::OllamaEmbed,
-    Format::OpenAi,
-    Format::Anthropic,
-    Format::Responses,
-];
+const FORMATS: [Format; 5] =
+    [Format::OllamaGenerate, Format::OllamaEmbed, Format::OpenAi, Format::Anthropic, Format::Responses];
 
 fn run(format: Format, hide: bool, body: &[u8], step: usize) -> (Vec<u8>, Option<(u64, u64)>) {
     let mut tap = Tap::new(format, hide);

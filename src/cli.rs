@@ -160,11 +160,19 @@ fn check(path: &str) -> i32 {
 /// glibc gives every thread that allocates its own malloc arena (up to eight
 /// per core), which multiplies resident memory with a pool of connection
 /// threads; two arenas are plenty for butler's short-lived allocations.
+///
+/// Large blocks (a request body of up to 8 MiB, its edited copy) are always
+/// mapped on their own and unmapped when freed, so RSS falls back after a big
+/// request (SPEC §11 "Memory"). glibc would otherwise raise this threshold to
+/// the size of the largest block freed (up to 32 MiB) and keep such blocks
+/// in its heaps afterwards; setting it fixes it (and the trim threshold with
+/// it). 256 KiB keeps everything an ordinary request allocates on the heap.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator; called before other threads exist.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }
 

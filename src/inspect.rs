@@ -9,12 +9,24 @@
 //! the same field, then reads each field through the same folding. Anything
 //! that is not exactly one JSON object — or holds a wrong type in a field
 //! butler reads — is a 400 and is never forwarded: the parser fails closed.
+//!
+//! An inspected body is read without building a tree of it (SPEC §11
+//! "Memory"): one validating pass over the bytes ([`crate::jsonscan`]) keeps
+//! the few fields butler reads, and prompt scans walk the bytes again. The
+//! tree type [`Json`] remains for small upstream bodies butler rewrites
+//! (listings).
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 use std::ops::ControlFlow;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+use crate::jsonscan::{self, Event, Reader, Token};
+
+#[cfg(test)]
+mod oracle;
 
 /// Largest body butler parses (SPEC §7.3): beyond it, 413.
 pub const MAX_INSPECTED: usize = 8 * 1024 * 1024;
@@ -232,12 +244,23 @@ impl<'de> Visitor<'de> for JsonVisitor {
     }
 }
 
-/// Parses exactly one JSON object (surrounding whitespace allowed). The error
-/// is the `<reason>` of a `400 bad request: <reason>`.
+/// Parses exactly one JSON object (surrounding whitespace allowed) into a tree. The error
+/// is the `<reason>` of a `400 bad request: <reason>`. For small bodies only (listings):
+/// inspected request bodies are read by [`inspect`] without a tree.
 pub fn parse_object(body: &[u8]) -> Result<Json, &'static str> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err("empty body");
     }
+    let value = parse_any(body)?;
+    match value {
+        Json::Object(_) => Ok(value),
+        _ => Err("body must be a JSON object"),
+    }
+}
+
+/// Parses one JSON value of any kind with serde_json, refusing keys that fold alike: the
+/// reference the streaming reader is tested against.
+pub fn parse_any(body: &[u8]) -> Result<Json, &'static str> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = Json::deserialize(&mut de).map_err(|e| {
         if e.to_string().starts_with(DUPLICATE) {
@@ -251,10 +274,7 @@ pub fn parse_object(body: &[u8]) -> Result<Json, &'static str> {
         }
     })?;
     de.end().map_err(|_| "trailing data after the JSON object")?;
-    match value {
-        Json::Object(_) => Ok(value),
-        _ => Err("body must be a JSON object"),
-    }
+    Ok(value)
 }
 
 /// What kind of inspected route a body belongs to; decides which fields
@@ -321,12 +341,17 @@ pub enum Limit {
     Unbounded(Num),
 }
 
-/// The facts butler judges a request by.
+/// The facts butler judges a request by, read in one pass over the body bytes (SPEC §7.1)
+/// without building a tree of it (SPEC §11 "Memory"): a few fields are kept, the rest is
+/// only validated. The body stays borrowed: [`Request::scan`] and
+/// [`Request::for_each_text`] read it again, and an edit ([`inject_predict`],
+/// [`include_usage`]) is spliced into a copy of it ([`Body::to_bytes`]).
 #[derive(Debug)]
-pub struct Request {
+pub struct Request<'a> {
     pub kind: Kind,
-    /// Model names the request refers to, as sent (not yet normalised).
-    pub models: Vec<String>,
+    /// Model names the request refers to, as sent (not yet normalised), borrowed from the
+    /// body unless escaped.
+    pub models: Vec<Cow<'a, str>>,
     /// Largest `num_ctx` asked for.
     pub num_ctx: Option<Num>,
     /// Largest generation limit asked for (over every field Ollama or the
@@ -356,8 +381,21 @@ pub struct Request {
     /// A non-empty `context` on `/api/generate`: token ids the model reads
     /// as prompt, which no pattern can check.
     pub context: bool,
-    pub body: Json,
+    /// `parameters.num_ctx` and `parameters.num_predict` (read on `/api/create`).
+    create_parameters: (Option<Num>, Option<Limit>),
+    /// A non-empty `remote_host` on `/api/create`.
+    remote: bool,
+    /// The body as sent, with what an edit needs to know about it.
+    pub body: Body<'a>,
 }
+
+/// Keys longer than this (as sent) name no field butler reads, and are not decoded to be
+/// compared: the longest name is 21 bytes, and an escape takes at most 12 bytes per character.
+const MAX_NAME: usize = 21 * 12;
+
+/// Decoding buffers larger than this are freed after use rather than kept for the next
+/// string.
+const SCRATCH_KEPT: usize = 64 * 1024;
 
 /// Roles a chat template writes as a label; any other role value is copied
 /// into the prompt and scanned like any text (SPEC §7.4).
@@ -368,63 +406,468 @@ const STANDARD_ROLES: &[&str] = &["system", "user", "assistant", "tool", "develo
 const RUNNER_OPTIONS: &[&str] =
     &["num_gpu", "main_gpu", "num_batch", "use_mmap", "num_thread", "numa", "low_vram"];
 
-/// Parses and reads an inspected body. The error is a `400` reason.
-pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request, String> {
-    let json = parse_object(body)?;
-    check_types(kind, &json)?;
-    if kind == Kind::Create {
-        check_create_types(&json)?;
+/// The top-level fields butler reads, as Go matches them (folded keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Model,
+    Name,
+    Source,
+    Destination,
+    From,
+    Modelfile,
+    Options,
+    NumCtx,
+    NumPredict,
+    MaxTokens,
+    MaxCompletionTokens,
+    MaxOutputTokens,
+    KeepAlive,
+    Stream,
+    Messages,
+    Prompt,
+    System,
+    DebugRenderOnly,
+    Tools,
+    Shift,
+    Context,
+    Parameters,
+    RemoteHost,
+    StreamOptions,
+}
+
+const FIELDS: [(&str, Field); 24] = [
+    ("model", Field::Model),
+    ("name", Field::Name),
+    ("source", Field::Source),
+    ("destination", Field::Destination),
+    ("from", Field::From),
+    ("modelfile", Field::Modelfile),
+    ("options", Field::Options),
+    ("num_ctx", Field::NumCtx),
+    ("num_predict", Field::NumPredict),
+    ("max_tokens", Field::MaxTokens),
+    ("max_completion_tokens", Field::MaxCompletionTokens),
+    ("max_output_tokens", Field::MaxOutputTokens),
+    ("keep_alive", Field::KeepAlive),
+    ("stream", Field::Stream),
+    ("messages", Field::Messages),
+    ("prompt", Field::Prompt),
+    ("system", Field::System),
+    ("_debug_render_only", Field::DebugRenderOnly),
+    ("tools", Field::Tools),
+    ("shift", Field::Shift),
+    ("context", Field::Context),
+    ("parameters", Field::Parameters),
+    ("remote_host", Field::RemoteHost),
+    ("stream_options", Field::StreamOptions),
+];
+
+/// What a field butler reads holds; strings stay spans of the body.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Val {
+    Null,
+    Bool(bool),
+    Number(Num),
+    Str(Event),
+    Object,
+    Array { empty: bool },
+}
+
+/// An object member's bytes: from its key's opening quote to the end of its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    start: usize,
+    value_start: usize,
+    end: usize,
+}
+
+/// An object's closing brace and how many members it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Obj {
+    close: usize,
+    entries: usize,
+}
+
+/// What is read inside `options` or `parameters` (one level down).
+#[derive(Debug, Default)]
+struct Inner {
+    /// The values of the keys that fold to `num_ctx` and `num_predict`.
+    num_ctx: Option<Val>,
+    num_predict: Option<Val>,
+    /// The member whose key folds to `num_predict`.
+    num_predict_entry: Option<Entry>,
+    /// `num_predict` under exactly that key, not null (the one Ollama's map reads).
+    num_predict_exact: bool,
+    /// Runner options present (not null) under their exact keys, by index in
+    /// [`RUNNER_OPTIONS`].
+    runner: u8,
+    /// The first `num_ctx`/`num_predict` key holding neither a number nor null.
+    wrong: Option<String>,
+}
+
+impl Inner {
+    fn num(v: Option<Val>) -> Option<Num> {
+        match v {
+            Some(Val::Number(n)) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+/// The body as sent and where the few members an edit touches are (SPEC §7.3 injection,
+/// SPEC §9 usage): an edit is spliced into a copy of the original bytes rather than
+/// re-serialising anything, so everything else reaches Ollama byte for byte.
+pub struct Body<'a> {
+    src: &'a [u8],
+    top: Obj,
+    /// The top-level `options` member (folded key), and its object if it is one.
+    options: Option<(Entry, Option<Obj>)>,
+    /// Inside `options`: the member whose key folds to `num_predict`.
+    options_predict: Option<Entry>,
+    /// Top-level members whose keys fold to `max_tokens` and `max_output_tokens`.
+    predict_top: [Option<Entry>; 2],
+    /// `stream: true`.
+    stream: bool,
+    /// The top-level `stream_options` member, and its object if it is one.
+    stream_options: Option<(Entry, Option<Obj>)>,
+    /// Inside `stream_options`: the member whose key folds to `include_usage`, and whether
+    /// it is `true`.
+    include_usage: Option<(Entry, bool)>,
+    /// Edits asked for: a generation cap, and usage reporting.
+    predict: Option<(PredictField, u64)>,
+    usage: bool,
+}
+
+impl fmt::Debug for Body<'_> {
+    /// Never the content: it is the client's prompt.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Body")
+            .field("len", &self.src.len())
+            .field("predict", &self.predict)
+            .field("usage", &self.usage)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything the single reading of a body finds.
+struct Read<'a> {
+    top: [Option<Val>; FIELDS.len()],
+    options: Inner,
+    parameters: Inner,
+    web_search: bool,
+    body: Body<'a>,
+}
+
+impl Read<'_> {
+    /// A field's value as Go reads it: `null` counts as absent.
+    fn field(&self, field: Field) -> Option<Val> {
+        self.top[field as usize].filter(|v| *v != Val::Null)
+    }
+}
+
+/// The one validating pass over a body: every byte is checked (SPEC §7.1) and the fields
+/// butler reads are kept.
+struct Reading<'a> {
+    r: Reader<'a>,
+    src: &'a [u8],
+    fold: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl<'a> Reading<'a> {
+    fn next(&mut self) -> Result<Event, jsonscan::Error> {
+        self.r.next()?.ok_or(jsonscan::Error::Invalid)
     }
 
-    let string_field = |name: &str| json.field(name).and_then(Json::as_str);
+    /// The folded text of a key (into `self.fold`), unless it is too long to name a field
+    /// butler reads (then `self.fold` is empty): a long key is never copied.
+    fn fold(&mut self, key: &Event) -> bool {
+        jsonscan::fold_short(self.src, key, MAX_NAME, &mut self.fold)
+    }
+
+    /// Reads the rest of a value whose first event is `v`: what it is, and where it ends.
+    fn value(&mut self, v: Event) -> Result<(Val, usize), jsonscan::Error> {
+        let val = match v.token {
+            Token::BeginObject => return Ok((Val::Object, self.close()?)),
+            Token::BeginArray => {
+                let first = self.next()?;
+                if first.token == Token::EndArray {
+                    return Ok((Val::Array { empty: true }, first.end));
+                }
+                self.r.skip(&first)?;
+                return Ok((Val::Array { empty: false }, self.close()?));
+            }
+            Token::String => Val::Str(v),
+            Token::Number => Val::Number(jsonscan::number(&self.src[v.start..v.end])?),
+            Token::True => Val::Bool(true),
+            Token::False => Val::Bool(false),
+            Token::Null => Val::Null,
+            Token::EndObject | Token::EndArray | Token::Key => {
+                return Err(jsonscan::Error::Invalid);
+            }
+        };
+        Ok((val, v.end))
+    }
+
+    /// Reads to the end of the array or object just opened; returns where it ends.
+    fn close(&mut self) -> Result<usize, jsonscan::Error> {
+        let depth = self.r.depth();
+        loop {
+            let e = self.next()?;
+            if self.r.depth() < depth {
+                return Ok(e.end);
+            }
+        }
+    }
+
+    /// The top-level object, its `{` just read.
+    fn top(&mut self, kind: Kind) -> Result<Read<'a>, jsonscan::Error> {
+        let mut read = Read {
+            top: [None; FIELDS.len()],
+            options: Inner::default(),
+            parameters: Inner::default(),
+            web_search: false,
+            body: Body {
+                src: self.src,
+                top: Obj::default(),
+                options: None,
+                options_predict: None,
+                predict_top: [None; 2],
+                stream: false,
+                stream_options: None,
+                include_usage: None,
+                predict: None,
+                usage: false,
+            },
+        };
+        loop {
+            let key = self.next()?;
+            if key.token == Token::EndObject {
+                read.body.top.close = key.start;
+                break;
+            }
+            read.body.top.entries += 1;
+            self.fold(&key);
+            let field = FIELDS.iter().find(|(name, _)| name.as_bytes() == self.fold.as_slice());
+            let field = field.map(|&(_, f)| f);
+            let v = self.next()?;
+            let (val, end, inner) = match (field, v.token) {
+                (Some(Field::Options), Token::BeginObject) => {
+                    let obj = self.inner(&mut read.options, None)?;
+                    read.body.options_predict = read.options.num_predict_entry;
+                    (Val::Object, obj.close + 1, Some(obj))
+                }
+                (Some(Field::Parameters), Token::BeginObject) => {
+                    let obj = self.inner(&mut read.parameters, None)?;
+                    (Val::Object, obj.close + 1, Some(obj))
+                }
+                (Some(Field::StreamOptions), Token::BeginObject) => {
+                    let mut usage = None;
+                    let obj = self.inner(&mut Inner::default(), Some(&mut usage))?;
+                    read.body.include_usage = usage;
+                    (Val::Object, obj.close + 1, Some(obj))
+                }
+                (Some(Field::Tools), Token::BeginArray) if kind_has_web_search(kind) => {
+                    let (empty, end) = self.tools(&mut read.web_search)?;
+                    (Val::Array { empty }, end, None)
+                }
+                _ => {
+                    let (val, end) = self.value(v)?;
+                    (val, end, None)
+                }
+            };
+            let Some(field) = field else { continue };
+            read.top[field as usize] = Some(val);
+            let entry = Entry { start: key.start, value_start: v.start, end };
+            match field {
+                Field::Options => read.body.options = Some((entry, inner)),
+                Field::StreamOptions => read.body.stream_options = Some((entry, inner)),
+                Field::MaxTokens => read.body.predict_top[0] = Some(entry),
+                Field::MaxOutputTokens => read.body.predict_top[1] = Some(entry),
+                Field::Stream => read.body.stream = val == Val::Bool(true),
+                _ => {}
+            }
+        }
+        Ok(read)
+    }
+
+    /// The members of `options`, `parameters` or `stream_options`, the `{` just read. With
+    /// `usage`, the member whose key folds to `include_usage` is noted there.
+    fn inner(
+        &mut self,
+        inner: &mut Inner,
+        mut usage: Option<&mut Option<(Entry, bool)>>,
+    ) -> Result<Obj, jsonscan::Error> {
+        let mut obj = Obj::default();
+        loop {
+            let key = self.next()?;
+            if key.token == Token::EndObject {
+                obj.close = key.start;
+                return Ok(obj);
+            }
+            obj.entries += 1;
+            let short = self.fold(&key);
+            let v = self.next()?;
+            let (val, end) = self.value(v)?;
+            let entry = Entry { start: key.start, value_start: v.start, end };
+            if !short {
+                continue;
+            }
+            if let Some(usage) = usage.as_deref_mut() {
+                if self.fold == b"include_usage" {
+                    *usage = Some((entry, val == Val::Bool(true)));
+                }
+                continue;
+            }
+            let (ctx, predict) = (self.fold == b"num_ctx", self.fold == b"num_predict");
+            let text = jsonscan::text(self.src, &key, &mut self.scratch);
+            if (ctx || predict)
+                && !matches!(val, Val::Number(_) | Val::Null)
+                && inner.wrong.is_none()
+            {
+                inner.wrong = Some(text.to_ascii_lowercase());
+            }
+            if ctx {
+                inner.num_ctx = Some(val);
+            }
+            if predict {
+                inner.num_predict = Some(val);
+                inner.num_predict_entry = Some(entry);
+                inner.num_predict_exact = text == "num_predict" && val != Val::Null;
+            }
+            if val != Val::Null
+                && let Some(i) = RUNNER_OPTIONS.iter().position(|o| *o == text)
+            {
+                inner.runner |= 1 << i;
+            }
+        }
+    }
+
+    /// The top-level `tools` array, `[` just read: whether a tool's `type` starts with
+    /// `web_search` (Ollama compares it case-sensitively). Returns whether the array is
+    /// empty, and where it ends.
+    fn tools(&mut self, found: &mut bool) -> Result<(bool, usize), jsonscan::Error> {
+        let mut empty = true;
+        loop {
+            let item = self.next()?;
+            match item.token {
+                Token::EndArray => return Ok((empty, item.end)),
+                Token::BeginObject => loop {
+                    let key = self.next()?;
+                    if key.token == Token::EndObject {
+                        break;
+                    }
+                    self.fold(&key);
+                    let is_type = self.fold == b"type";
+                    let v = self.next()?;
+                    if is_type && v.token == Token::String {
+                        *found |= jsonscan::starts_with(self.src, &v, "web_search");
+                    }
+                    self.r.skip(&v)?;
+                },
+                _ => self.r.skip(&item)?,
+            }
+            empty = false;
+        }
+    }
+}
+
+/// Routes on which Ollama runs `web_search*` tools itself.
+fn kind_has_web_search(kind: Kind) -> bool {
+    matches!(kind, Kind::Responses | Kind::Messages)
+}
+
+/// Reads a body in one validating pass: exactly one object (SPEC §7.1), and its fields.
+fn read(kind: Kind, body: &[u8]) -> Result<Read<'_>, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err("empty body".into());
+    }
+    let reason = |e: jsonscan::Error| e.reason().to_owned();
+    let mut reading =
+        Reading { r: Reader::new(body), src: body, fold: Vec::new(), scratch: Vec::new() };
+    let first = reading.next().map_err(reason)?;
+    let read = if first.token == Token::BeginObject {
+        Some(reading.top(kind).map_err(reason)?)
+    } else {
+        reading.r.skip(&first).map_err(reason)?;
+        None
+    };
+    if reading.r.next().map_err(reason)?.is_some() {
+        return Err("invalid JSON".into());
+    }
+    reading.r.finish().map_err(|_| "trailing data after the JSON object".to_owned())?;
+    read.ok_or_else(|| "body must be a JSON object".into())
+}
+
+/// A field's name as Go matches it.
+fn field_name(field: Field) -> &'static str {
+    FIELDS[field as usize].0
+}
+
+/// Parses and reads an inspected body. The error is a `400` reason.
+pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request<'_>, String> {
+    let read = read(kind, body)?;
+    check_types(kind, &read)?;
+    if kind == Kind::Create {
+        check_create_types(&read)?;
+    }
+
+    let string = |field: Field| match read.field(field) {
+        Some(Val::Str(e)) => Some(e),
+        _ => None,
+    };
+    let text = |e: Event| jsonscan::cow(body, &e);
+    // A string's text is empty exactly when its content is: an escape is never empty.
+    let empty = |e: &Event| e.end - e.start == 2;
     let mut models = Vec::new();
-    let model = string_field("model").filter(|m| !m.is_empty()).or_else(|| string_field("name"));
+    let model = string(Field::Model).filter(|m| !empty(m)).or_else(|| string(Field::Name));
     match kind {
         Kind::Copy => {
-            for field in ["source", "destination"] {
-                match json.field(field) {
-                    Some(Json::String(s)) if !s.is_empty() => models.push(s.clone()),
-                    Some(Json::String(_)) | None => return Err(format!("{field} is required")),
-                    Some(_) => return Err(format!("{field} must be a string")),
+            for field in [Field::Source, Field::Destination] {
+                let name = field_name(field);
+                match read.field(field) {
+                    Some(Val::Str(s)) if !empty(&s) => models.push(text(s)),
+                    Some(Val::Str(_)) | None => return Err(format!("{name} is required")),
+                    Some(_) => return Err(format!("{name} must be a string")),
                 }
             }
         }
         _ => match model {
-            Some(m) if !m.is_empty() => models.push(m.to_owned()),
+            Some(m) if !empty(&m) => models.push(text(m)),
             _ => return Err("model is required".into()),
         },
     }
     if kind == Kind::Create {
-        match json.field("from") {
-            Some(Json::String(s)) if !s.is_empty() => models.push(s.clone()),
-            Some(Json::String(_)) | None => {}
+        match read.field(Field::From) {
+            Some(Val::Str(s)) if !empty(&s) => models.push(text(s)),
+            Some(Val::Str(_)) | None => {}
             Some(_) => return Err("from must be a string".into()),
         }
         // The legacy Modelfile text can name a base model with FROM; butler
         // cannot police it, so it is refused rather than passed through.
-        if json.field("modelfile").is_some() {
+        if read.field(Field::Modelfile).is_some() {
             return Err("modelfile is not supported; use from".into());
         }
     }
 
-    let options = json.field("options");
-    let number = |v: Option<&Json>| -> Option<Num> {
-        match v {
-            Some(Json::Number(n)) => Some(*n),
-            _ => None,
-        }
+    // `options` is an object or absent (type-checked); `read.options` holds what it has.
+    let options = read.field(Field::Options).is_some();
+    let in_options = |v: Option<Val>| if options { Inner::num(v) } else { None };
+    let number = |field: Field| match read.field(field) {
+        Some(Val::Number(n)) => Some(n),
+        _ => None,
     };
-    let num_ctx = [number(options.and_then(|o| o.field("num_ctx"))), number(json.field("num_ctx"))]
+    let num_ctx = [in_options(read.options.num_ctx), number(Field::NumCtx)]
         .into_iter()
         .flatten()
         .max_by(|a, b| a.as_f64().total_cmp(&b.as_f64()));
 
     let predict_values = [
-        number(options.and_then(|o| o.field("num_predict"))),
-        number(json.field("num_predict")),
-        number(json.field("max_tokens")),
-        number(json.field("max_completion_tokens")),
-        number(json.field("max_output_tokens")),
+        in_options(read.options.num_predict),
+        number(Field::NumPredict),
+        number(Field::MaxTokens),
+        number(Field::MaxCompletionTokens),
+        number(Field::MaxOutputTokens),
     ];
     let predict = predict_values.into_iter().flatten().fold(None, |acc: Option<Limit>, n| {
         let this = if n.as_f64() < 1.0 { Limit::Unbounded(n) } else { Limit::Value(n) };
@@ -443,20 +886,23 @@ pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request, String> {
         .filter(|n| n.as_f64() >= 1.0)
         .min_by(|a, b| a.as_f64().total_cmp(&b.as_f64()));
     let predict_effective = match kind.predict_field() {
-        Some(PredictField::Options) => options.and_then(|o| o.exact("num_predict")).is_some(),
-        Some(PredictField::Top(name)) => json.field(name).is_some(),
+        Some(PredictField::Options) => options && read.options.num_predict_exact,
+        Some(PredictField::Top(name)) => FIELDS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .is_some_and(|&(_, field)| read.field(field).is_some()),
         None => true,
     };
 
-    let (keep_alive, keep_alive_zero) = match json.field("keep_alive") {
-        Some(Json::Number(n)) => {
+    let (keep_alive, keep_alive_zero) = match read.field(Field::KeepAlive) {
+        Some(Val::Number(n)) => {
             // Ollama: a negative number is "forever", else seconds converted
             // to whole nanoseconds (truncated), so 1e-10 is 0.
             let secs = n.as_f64();
             (Some(secs), secs >= 0.0 && (secs * 1e9).trunc() == 0.0)
         }
-        Some(Json::String(s)) => {
-            let nanos = go_duration_nanos(s)
+        Some(Val::Str(s)) => {
+            let nanos = go_duration_nanos(&text(s))
                 .ok_or_else(|| "keep_alive is not a valid duration".to_owned())?;
             (Some(nanos as f64 / 1e9), nanos == 0)
         }
@@ -465,23 +911,31 @@ pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request, String> {
     let unload = keep_alive_zero
         && match kind {
             Kind::OllamaChat => {
-                json.field("messages").is_none_or(|m| matches!(m, Json::Array(a) if a.is_empty()))
+                read.field(Field::Messages).is_none_or(|m| m == Val::Array { empty: true })
             }
-            Kind::OllamaGenerate => string_field("prompt").is_none_or(str::is_empty),
+            Kind::OllamaGenerate => string(Field::Prompt).is_none_or(|p| empty(&p)),
             _ => false,
         };
-    let debug_render_only = json.field("_debug_render_only") == Some(&Json::Bool(true));
+    let debug_render_only = read.field(Field::DebugRenderOnly) == Some(Val::Bool(true));
     // Ollama compares a tool's `type` case-sensitively: `web_search` on
     // `/v1/responses`, any `web_search…` on `/v1/messages`.
-    let web_search = matches!(kind, Kind::Responses | Kind::Messages)
-        && matches!(json.field("tools"), Some(Json::Array(tools)) if tools.iter().any(|t| {
-            t.field("type").and_then(Json::as_str).is_some_and(|t| t.starts_with("web_search"))
-        }));
-    let runner_option = options
-        .and_then(|o| RUNNER_OPTIONS.iter().copied().find(|name| o.exact(name).is_some()))
-        .or_else(|| json.field("shift").map(|_| "shift"));
+    let web_search = kind_has_web_search(kind) && read.web_search;
+    let runner_option = RUNNER_OPTIONS
+        .iter()
+        .enumerate()
+        .find(|&(i, _)| options && read.options.runner & (1 << i) != 0)
+        .map(|(_, &name)| name)
+        .or_else(|| read.field(Field::Shift).map(|_| "shift"));
     let context = kind == Kind::OllamaGenerate
-        && json.field("context").is_some_and(|c| !matches!(c, Json::Array(a) if a.is_empty()));
+        && read.field(Field::Context).is_some_and(|c| c != Val::Array { empty: true });
+    let create_parameters = if read.field(Field::Parameters) == Some(Val::Object) {
+        let predict = Inner::num(read.parameters.num_predict)
+            .map(|n| if n.as_f64() < 1.0 { Limit::Unbounded(n) } else { Limit::Value(n) });
+        (Inner::num(read.parameters.num_ctx), predict)
+    } else {
+        (None, None)
+    };
+    let remote = kind == Kind::Create && string(Field::RemoteHost).is_some_and(|h| !empty(&h));
 
     Ok(Request {
         kind,
@@ -496,8 +950,687 @@ pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request, String> {
         web_search,
         runner_option,
         context,
-        body: json,
+        create_parameters,
+        remote,
+        body: read.body,
     })
+}
+
+/// Type checks for every field butler reads (SPEC §7.1): a wrong type is a
+/// 400 whatever the subject's policy. Checked in this order, whatever the body's.
+fn check_types(kind: Kind, read: &Read<'_>) -> Result<(), String> {
+    let wrong = |field: Field, what: &str| Err(format!("{} must be {what}", field_name(field)));
+    for field in [Field::Model, Field::Name] {
+        if let Some(v) = read.field(field)
+            && !matches!(v, Val::Str(_))
+        {
+            return wrong(field, "a string");
+        }
+    }
+    for field in [
+        Field::NumCtx,
+        Field::NumPredict,
+        Field::MaxTokens,
+        Field::MaxCompletionTokens,
+        Field::MaxOutputTokens,
+    ] {
+        if let Some(v) = read.field(field)
+            && !matches!(v, Val::Number(_))
+        {
+            return wrong(field, "a number");
+        }
+    }
+    if let Some(options) = read.field(Field::Options) {
+        if options != Val::Object {
+            return wrong(Field::Options, "an object");
+        }
+        if let Some(key) = &read.options.wrong {
+            return Err(format!("options.{key} must be a number"));
+        }
+    }
+    if let Some(v) = read.field(Field::KeepAlive)
+        && !matches!(v, Val::Number(_) | Val::Str(_))
+    {
+        return wrong(Field::KeepAlive, "a number or a string");
+    }
+    if let Some(v) = read.field(Field::Stream)
+        && !matches!(v, Val::Bool(_))
+    {
+        return wrong(Field::Stream, "a boolean");
+    }
+    if let Some(v) = read.field(Field::Messages)
+        && !matches!(v, Val::Array { .. })
+    {
+        return wrong(Field::Messages, "an array");
+    }
+    if let Some(v) = read.field(Field::Prompt)
+        && !matches!(v, Val::Str(_))
+    {
+        return wrong(Field::Prompt, "a string");
+    }
+    if let Some(v) = read.field(Field::System) {
+        let ok = match v {
+            Val::Str(_) => true,
+            Val::Array { .. } => kind == Kind::Messages,
+            _ => false,
+        };
+        if !ok {
+            return wrong(Field::System, "a string");
+        }
+    }
+    Ok(())
+}
+
+/// Type checks for the `/api/create` fields butler reads (SPEC §7.1, §7.3): `parameters` is
+/// a Go `map[string]any`, so any value type decodes, but Ollama later loads `num_ctx` and
+/// `num_predict` from it as numbers; `remote_host` is a string.
+fn check_create_types(read: &Read<'_>) -> Result<(), String> {
+    if let Some(parameters) = read.field(Field::Parameters) {
+        if parameters != Val::Object {
+            return Err("parameters must be an object".into());
+        }
+        if let Some(key) = &read.parameters.wrong {
+            return Err(format!("parameters.{key} must be a number"));
+        }
+    }
+    if let Some(v) = read.field(Field::RemoteHost)
+        && !matches!(v, Val::Str(_))
+    {
+        return Err("remote_host must be a string".into());
+    }
+    Ok(())
+}
+
+/// Where a value sits in the body, which decides what in it is image data
+/// (SPEC §7.4). An array passes its place on to its elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// The body itself.
+    Top,
+    /// A message: an element of top-level `messages`, or a Responses `input`
+    /// item.
+    Message,
+    /// A content block: an element of a message's `content`, or of a
+    /// block's own `content` (`tool_result`).
+    Block,
+    /// The strings of an `images` array (top level or in a message).
+    Images,
+    /// A block's `image_url` object, whose `url` is image data when it is a
+    /// `data:` URL.
+    ImageUrl,
+    /// A block's base64 `source`, whose `data` is image data.
+    Base64Source,
+    /// Anywhere else: nothing is exempt.
+    Other,
+}
+
+/// Where a text a prompt filter sees comes from (SPEC §7.4): the body's own strings and
+/// keys, or the text parts of one message joined — of a `messages` element, of a Responses
+/// `input` item, or of `system`. Prompt filters report the pattern of the first match in
+/// this order: the body in its own order, then joined messages, input items and `system`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Origin {
+    Body,
+    Messages,
+    Input,
+    System,
+}
+
+/// The role of a value in a message's text parts (the `text_parts` of SPEC §7.4): the
+/// content itself (a string, or an array of blocks), an element of that array, or a block
+/// (whose `text` and `content` are parts in that order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parts {
+    None,
+    Root,
+    Item,
+    Block,
+}
+
+/// What the walk over a body offers: a key or a string value (spans of the body), or a
+/// message's text parts joined.
+enum Item<'s> {
+    Key(Event),
+    Value(Event),
+    Joined(Origin, &'s str),
+}
+
+/// Why a walk stopped early.
+enum Stop {
+    /// The visitor had enough.
+    Done,
+    /// The body was not what the validating reading accepted (never happens).
+    Malformed,
+}
+
+/// Key names the walk treats specially (Go's folding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Name {
+    Role,
+    Model,
+    Images,
+    Messages,
+    Input,
+    Content,
+    ImageUrl,
+    Source,
+    Url,
+    Data,
+    Text,
+    System,
+    Other,
+}
+
+const NAMES: [(&str, Name); 12] = [
+    ("role", Name::Role),
+    ("model", Name::Model),
+    ("images", Name::Images),
+    ("messages", Name::Messages),
+    ("input", Name::Input),
+    ("content", Name::Content),
+    ("image_url", Name::ImageUrl),
+    ("source", Name::Source),
+    ("url", Name::Url),
+    ("data", Name::Data),
+    ("text", Name::Text),
+    ("system", Name::System),
+];
+
+/// A message's text parts joined with `""` and with `"\n"`, built as the parts stream past
+/// (never all messages at once). A block's `text` comes before its nested `content` parts
+/// whatever their order in the body, so it is inserted where the block began. A single part
+/// stays a span of the body: it is only ever seen on its own.
+#[derive(Default)]
+struct Joiner {
+    origin: Option<Origin>,
+    count: usize,
+    first: Option<Event>,
+    concat: Vec<u8>,
+    join: Vec<u8>,
+    tmp: Vec<u8>,
+}
+
+/// Where a block began in a [`Joiner`].
+#[derive(Clone, Copy)]
+struct Mark {
+    count: usize,
+    concat: usize,
+    join: usize,
+}
+
+impl Joiner {
+    fn begin(&mut self, origin: Origin) {
+        self.origin = Some(origin);
+        self.count = 0;
+        self.first = None;
+        self.concat.clear();
+        self.join.clear();
+    }
+
+    /// Writes out a first part kept as a span.
+    fn materialise(&mut self, src: &[u8]) {
+        if let Some(first) = self.first.take() {
+            jsonscan::decode_into(first.content(src), &mut self.concat);
+            self.join.extend_from_slice(&self.concat);
+        }
+    }
+
+    fn add(&mut self, src: &[u8], part: &Event) {
+        if self.origin.is_none() {
+            return;
+        }
+        if self.count == 0 {
+            self.first = Some(*part);
+            self.count = 1;
+            return;
+        }
+        self.materialise(src);
+        let from = self.concat.len();
+        jsonscan::decode_into(part.content(src), &mut self.concat);
+        self.join.push(b'\n');
+        self.join.extend_from_slice(&self.concat[from..]);
+        self.count += 1;
+    }
+
+    fn mark(&mut self, src: &[u8]) -> Mark {
+        if self.count == 1 {
+            self.materialise(src);
+        }
+        Mark { count: self.count, concat: self.concat.len(), join: self.join.len() }
+    }
+
+    /// A block's `text`: before the parts its `content` added since `mark`.
+    fn add_first(&mut self, src: &[u8], mark: Mark, part: &Event) {
+        if self.origin.is_none() {
+            return;
+        }
+        if self.count == mark.count {
+            return self.add(src, part);
+        }
+        self.materialise(src);
+        self.tmp.clear();
+        jsonscan::decode_into(part.content(src), &mut self.tmp);
+        self.concat.splice(mark.concat..mark.concat, self.tmp.iter().copied());
+        // After the separator that precedes the block's first part, if any.
+        let at = mark.join + usize::from(mark.count > 0);
+        self.tmp.push(b'\n');
+        self.join.splice(at..at, self.tmp.iter().copied());
+        self.count += 1;
+    }
+}
+
+/// One walk over a body already validated, in body order (see [`Request::scan_from`]).
+struct Walk<'a, 'f> {
+    src: &'a [u8],
+    kind: Kind,
+    r: Reader<'a>,
+    fold: Vec<u8>,
+    /// Present when joined message texts are wanted.
+    joiner: Option<Joiner>,
+    visit: &'f mut dyn FnMut(Item<'_>) -> ControlFlow<()>,
+}
+
+impl Walk<'_, '_> {
+    fn next(&mut self) -> ControlFlow<Stop, Event> {
+        match self.r.next() {
+            Ok(Some(e)) => ControlFlow::Continue(e),
+            _ => ControlFlow::Break(Stop::Malformed),
+        }
+    }
+
+    fn offer(&mut self, item: Item<'_>) -> ControlFlow<Stop> {
+        match (self.visit)(item) {
+            ControlFlow::Continue(()) => ControlFlow::Continue(()),
+            ControlFlow::Break(()) => ControlFlow::Break(Stop::Done),
+        }
+    }
+
+    /// What a key names (folded into `self.fold`; a long key names nothing and is not
+    /// copied).
+    fn name(&mut self, key: &Event) -> Name {
+        if !jsonscan::fold_short(self.src, key, MAX_NAME, &mut self.fold) {
+            return Name::Other;
+        }
+        NAMES
+            .iter()
+            .find(|(n, _)| n.as_bytes() == self.fold.as_slice())
+            .map_or(Name::Other, |n| n.1)
+    }
+
+    /// Whether the object at `at` has a `type` (folded, not null) that is exactly
+    /// `"base64"`: a look ahead, since `data` may come before `type`. Only a content
+    /// block's `source` is looked into, so no byte is looked at twice this way.
+    fn is_base64_source(&mut self, at: usize) -> bool {
+        let mut r = Reader::trusted_at(self.src, at);
+        if !matches!(r.next(), Ok(Some(Event { token: Token::BeginObject, .. }))) {
+            return false;
+        }
+        while let Ok(Some(key)) = r.next() {
+            if key.token != Token::Key {
+                return false;
+            }
+            let Ok(Some(v)) = r.next() else { return false };
+            if self.name(&key) == Name::Other && self.fold == b"type" {
+                return v.token == Token::String && jsonscan::is(self.src, &v, "base64");
+            }
+            if r.skip(&v).is_err() {
+                return false;
+            }
+        }
+        false
+    }
+
+    /// Walks the value whose first event is `v`.
+    fn value(&mut self, v: Event, place: Place, parts: Parts, msg: Origin) -> ControlFlow<Stop> {
+        match v.token {
+            Token::String => {
+                if place != Place::Images {
+                    self.offer(Item::Value(v))?;
+                }
+                if matches!(parts, Parts::Root | Parts::Item)
+                    && let Some(j) = self.joiner.as_mut()
+                {
+                    j.add(self.src, &v);
+                }
+            }
+            Token::BeginArray => loop {
+                let item = self.next()?;
+                if item.token == Token::EndArray {
+                    break;
+                }
+                let inner = if item.token == Token::BeginArray { Place::Other } else { place };
+                let item_parts = match (parts, item.token) {
+                    (Parts::Root, Token::String) => Parts::Item,
+                    (Parts::Root, Token::BeginObject) => Parts::Block,
+                    _ => Parts::None,
+                };
+                self.value(item, inner, item_parts, msg)?;
+            },
+            Token::BeginObject => self.object(place, parts, msg)?,
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Walks an object's members, its `{` just read. Every key is offered; values by the
+    /// exemptions of SPEC §7.4 (the top-level `model` value, standard `role` values, image
+    /// data where Ollama decodes it as an image).
+    fn object(&mut self, place: Place, parts: Parts, msg: Origin) -> ControlFlow<Stop> {
+        let src = self.src;
+        let mark = match (parts, self.joiner.as_mut()) {
+            (Parts::Block, Some(j)) => Some(j.mark(src)),
+            _ => None,
+        };
+        loop {
+            let key = self.next()?;
+            if key.token == Token::EndObject {
+                return ControlFlow::Continue(());
+            }
+            self.offer(Item::Key(key))?;
+            let name = self.name(&key);
+            let v = self.next()?;
+            let (string, array) = (v.token == Token::String, v.token == Token::BeginArray);
+            if name == Name::Role
+                && string
+                && STANDARD_ROLES.iter().any(|role| jsonscan::is(src, &v, role))
+            {
+                continue;
+            }
+            // The value's part in the message's text, and whether it starts a message's.
+            let mut session = None;
+            let child_parts = match (parts, name) {
+                (Parts::Block, Name::Text) => {
+                    if let (true, Some(mark), Some(j)) = (string, mark, self.joiner.as_mut()) {
+                        j.add_first(src, mark, &v);
+                    }
+                    Parts::None
+                }
+                (Parts::Block, Name::Content) => Parts::Root,
+                _ if place == Place::Message && name == Name::Content => {
+                    session = Some(msg);
+                    Parts::Root
+                }
+                _ if place == Place::Top && name == Name::System => {
+                    session = Some(Origin::System);
+                    Parts::Root
+                }
+                _ => Parts::None,
+            };
+            let data_url = |_: &mut Self| string && jsonscan::starts_with(src, &v, "data:");
+            let mut child_msg = msg;
+            let child = match (place, name) {
+                (Place::Top, Name::Model) if string => continue,
+                (Place::Top | Place::Message, Name::Images) if array => Place::Images,
+                (Place::Top, Name::Messages) if array => {
+                    child_msg = Origin::Messages;
+                    Place::Message
+                }
+                (Place::Top, Name::Input) if self.kind == Kind::Responses && array => {
+                    child_msg = Origin::Input;
+                    Place::Message
+                }
+                (Place::Message | Place::Block, Name::Content) if array => Place::Block,
+                (Place::Block, Name::ImageUrl) if data_url(self) => continue,
+                (Place::Block, Name::ImageUrl) => Place::ImageUrl,
+                (Place::Block, Name::Source)
+                    if v.token == Token::BeginObject && self.is_base64_source(v.start) =>
+                {
+                    Place::Base64Source
+                }
+                (Place::ImageUrl, Name::Url) if data_url(self) => continue,
+                (Place::Base64Source, Name::Data) if string => continue,
+                _ => Place::Other,
+            };
+            if let (Some(origin), Some(j)) = (session, self.joiner.as_mut()) {
+                j.begin(origin);
+            }
+            self.value(v, child, child_parts, child_msg)?;
+            if session.is_some() {
+                self.end_session()?;
+            }
+        }
+    }
+
+    /// Offers a message's joined parts (when it has several) and ends its session.
+    fn end_session(&mut self) -> ControlFlow<Stop> {
+        let Some(mut j) = self.joiner.take() else { return ControlFlow::Continue(()) };
+        let origin = j.origin.take();
+        let mut flow = ControlFlow::Continue(());
+        if let Some(origin) = origin
+            && j.count >= 2
+        {
+            for joined in [&j.concat, &j.join] {
+                let text = std::str::from_utf8(joined).unwrap_or_default();
+                flow = self.offer(Item::Joined(origin, text));
+                if flow.is_break() {
+                    break;
+                }
+            }
+        }
+        self.joiner = Some(j);
+        flow
+    }
+}
+
+impl<'a> Request<'a> {
+    /// Walks the body once (SPEC §7.4): every key and string value but the exemptions, in
+    /// body order, and — with `joins` — each message's text parts joined, offered when the
+    /// message's content ends.
+    fn walk(&self, joins: bool, visit: &mut dyn FnMut(Item<'_>) -> ControlFlow<()>) -> bool {
+        let src = self.body.src;
+        let mut walk = Walk {
+            src,
+            kind: self.kind,
+            r: Reader::trusted(src),
+            fold: Vec::new(),
+            joiner: joins.then(Joiner::default),
+            visit,
+        };
+        let flow = match walk.next() {
+            ControlFlow::Continue(e) if e.token == Token::BeginObject => {
+                walk.object(Place::Top, Parts::None, Origin::Messages)
+            }
+            _ => ControlFlow::Break(Stop::Malformed),
+        };
+        // A body that cannot be walked (never after validation) counts as a hit: fail closed.
+        matches!(flow, ControlFlow::Break(_))
+    }
+
+    /// Every string value that is prompt text (SPEC §7.4: all but the
+    /// exemptions; keys aside), in body order, borrowed from the body unless it has
+    /// escapes: what `log_prompts` writes and the prompt digest covers.
+    pub fn for_each_text(&self, mut f: impl FnMut(Cow<'a, str>)) {
+        let src = self.body.src;
+        self.walk(false, &mut |item| {
+            if let Item::Value(e) = item {
+                f(jsonscan::cow(src, &e));
+            }
+            ControlFlow::Continue(())
+        });
+    }
+
+    /// Offers `hit` everything a prompt pattern must see (SPEC §7.4): every
+    /// string value and object key but the exemptions, and each message's
+    /// (and `system`'s) text parts joined with `""` and with `"\n"`, so a
+    /// phrase split across blocks is seen whole. Stops at the first `true`
+    /// and returns whether there was one. Joined texts are built one
+    /// message at a time, never all at once.
+    pub fn scan(&self, mut hit: impl FnMut(&str) -> bool) -> bool {
+        self.scan_from(|text, _| hit(text))
+    }
+
+    /// [`Request::scan`], saying where each text comes from: the body's strings and keys
+    /// come in body order, a message's joined parts when its content ends.
+    pub fn scan_from(&self, mut hit: impl FnMut(&str, Origin) -> bool) -> bool {
+        let src = self.body.src;
+        let mut scratch = Vec::new();
+        self.walk(true, &mut |item| {
+            let found = match item {
+                Item::Key(e) | Item::Value(e) => {
+                    let found = hit(jsonscan::text(src, &e, &mut scratch), Origin::Body);
+                    // A long escaped text is decoded once; its buffer is not kept.
+                    if scratch.capacity() > SCRATCH_KEPT {
+                        scratch = Vec::new();
+                    }
+                    found
+                }
+                Item::Joined(origin, text) => hit(text, origin),
+            };
+            if found { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        })
+    }
+}
+
+impl Body<'_> {
+    /// Reads a body for its edits alone, without the checks [`inspect`] makes of the
+    /// fields (for tests of the edits).
+    pub fn parse(src: &[u8]) -> Result<Body<'_>, String> {
+        read(Kind::OpenAiGenerate, src).map(|r| r.body)
+    }
+
+    /// The body with the edits spliced in: members removed with one adjoining comma, new
+    /// members appended at the end of their object. Everything else is the bytes as sent.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let src = self.src;
+        // (start, end, replacement), applied in order of start.
+        let mut edits: Vec<(usize, usize, Vec<u8>)> = Vec::new();
+        let mut top_left = self.top.entries;
+        let mut top_new: Vec<Vec<u8>> = Vec::new();
+        // Adds a member at the end of an object that keeps `left` of its own.
+        let append = |edits: &mut Vec<(usize, usize, Vec<u8>)>, obj: Obj, left: usize, m: &[u8]| {
+            let mut bytes = if left > 0 { b",".to_vec() } else { Vec::new() };
+            bytes.extend_from_slice(m);
+            edits.push((obj.close, obj.close, bytes));
+        };
+        if let Some((field, value)) = self.predict {
+            match field {
+                PredictField::Top(name) => {
+                    // Any folding variant present is null (else it would be effective).
+                    let at = usize::from(name != "max_tokens");
+                    if let Some(entry) = self.predict_top[at] {
+                        edits.push(removal(src, entry));
+                        top_left -= 1;
+                    }
+                    top_new.push(format!("\"{name}\":{value}").into_bytes());
+                }
+                PredictField::Options => {
+                    let member = format!("\"num_predict\":{value}");
+                    match self.options {
+                        Some((_, Some(obj))) => {
+                            let mut left = obj.entries;
+                            // A folding variant (`NUM_PREDICT`) Ollama's map ignores goes
+                            // too, so that butler reads the result as Ollama does.
+                            if let Some(entry) = self.options_predict {
+                                edits.push(removal(src, entry));
+                                left -= 1;
+                            }
+                            append(&mut edits, obj, left, member.as_bytes());
+                        }
+                        // `options: null` counts as absent.
+                        Some((entry, None)) => edits.push((
+                            entry.value_start,
+                            entry.end,
+                            format!("{{{member}}}").into_bytes(),
+                        )),
+                        None => top_new.push(format!("\"options\":{{{member}}}").into_bytes()),
+                    }
+                }
+            }
+        }
+        if self.usage {
+            let member = b"\"include_usage\":true";
+            match self.stream_options {
+                Some((_, Some(obj))) => {
+                    let mut left = obj.entries;
+                    if let Some((entry, _)) = self.include_usage {
+                        edits.push(removal(src, entry));
+                        left -= 1;
+                    }
+                    append(&mut edits, obj, left, member);
+                }
+                Some((entry, None)) => {
+                    edits.push((
+                        entry.value_start,
+                        entry.end,
+                        b"{\"include_usage\":true}".to_vec(),
+                    ));
+                }
+                None => top_new.push(b"\"stream_options\":{\"include_usage\":true}".to_vec()),
+            }
+        }
+        for member in top_new {
+            append(&mut edits, self.top, top_left, &member);
+            top_left += 1;
+        }
+        edits.sort_by_key(|&(start, _, _)| start);
+        let mut out = Vec::with_capacity(src.len() + 64);
+        let mut at = 0;
+        for (start, end, bytes) in edits {
+            out.extend_from_slice(&src[at..start]);
+            out.extend_from_slice(&bytes);
+            at = end;
+        }
+        out.extend_from_slice(&src[at..]);
+        out
+    }
+}
+
+/// The bytes to cut to remove a member: with the comma after it (up to the next key), or
+/// else with the comma before it, or alone when it is the object's only member.
+fn removal(src: &[u8], entry: Entry) -> (usize, usize, Vec<u8>) {
+    let is_ws = |b: &u8| matches!(b, b' ' | b'\n' | b'\t' | b'\r');
+    let after = entry.end + src[entry.end..].iter().take_while(|b| is_ws(b)).count();
+    if src.get(after) == Some(&b',') {
+        let next = after + 1 + src[after + 1..].iter().take_while(|b| is_ws(b)).count();
+        return (entry.start, next, Vec::new());
+    }
+    let before = entry.start - src[..entry.start].iter().rev().take_while(|b| is_ws(b)).count();
+    if before > 0 && src[before - 1] == b',' {
+        return (before - 1, entry.end, Vec::new());
+    }
+    (entry.start, entry.end, Vec::new())
+}
+
+/// For a streamed `/v1/chat/completions` whose client did not ask for usage:
+/// asks for `stream_options.include_usage: true`, so Ollama reports the
+/// tokens (SPEC §9; butler hides the extra chunk from the client). The edit is made by
+/// [`Body::to_bytes`]; false when nothing needs to change.
+pub fn include_usage(body: &mut Body<'_>) -> bool {
+    if !body.stream || body.usage {
+        return false;
+    }
+    // `stream_options.include_usage` already true (in an object; null counts as absent).
+    if matches!(body.stream_options, Some((_, Some(_))))
+        && matches!(body.include_usage, Some((_, true)))
+    {
+        return false;
+    }
+    body.usage = true;
+    true
+}
+
+/// Writes a generation cap of `value` where Ollama reads it for `kind`
+/// (SPEC §7.3) when [`Body::to_bytes`] is called; false if the route takes none.
+pub fn inject_predict(kind: Kind, body: &mut Body<'_>, value: u64) -> bool {
+    let Some(field) = kind.predict_field() else { return false };
+    body.predict = Some((field, value));
+    true
+}
+
+/// `parameters.num_ctx` and `parameters.num_predict` of an `/api/create` body: the model's
+/// defaults for every later request, so they are capped like a request's options (SPEC §7.3).
+/// Keys are read case-insensitively although Ollama's map reads them exactly: a variant
+/// Ollama ignores can only make butler stricter.
+pub fn create_parameters(req: &Request<'_>) -> (Option<Num>, Option<Limit>) {
+    req.create_parameters
+}
+
+/// Whether an `/api/create` body makes a model that runs on another host (`remote_host`):
+/// Ollama then forwards every request for it there (ollama.com by default, on the host
+/// owner's account), so it is a cloud model whatever its name. A `from` naming a cloud model
+/// does the same and is caught as a cloud name.
+pub fn creates_remote(req: &Request<'_>) -> bool {
+    req.remote
 }
 
 /// Parses a Go `time.ParseDuration` string (`"5m"`, `"1h30m"`, `"-1s"`,
@@ -598,343 +1731,6 @@ pub fn go_duration_nanos(s: &str) -> Option<i64> {
         return Some(0i64.wrapping_sub_unsigned(total));
     }
     i64::try_from(total).ok()
-}
-/// Type checks for every field butler reads (SPEC §7.1): a wrong type is a
-/// 400 whatever the subject's policy.
-fn check_types(kind: Kind, json: &Json) -> Result<(), String> {
-    let wrong = |field: &str, what: &str| Err(format!("{field} must be {what}"));
-    for field in ["model", "name"] {
-        if let Some(v) = json.field(field)
-            && !matches!(v, Json::String(_))
-        {
-            return wrong(field, "a string");
-        }
-    }
-    for field in
-        ["num_ctx", "num_predict", "max_tokens", "max_completion_tokens", "max_output_tokens"]
-    {
-        if let Some(v) = json.field(field)
-            && !matches!(v, Json::Number(_))
-        {
-            return wrong(field, "a number");
-        }
-    }
-    if let Some(options) = json.field("options") {
-        let Json::Object(entries) = options else {
-            return wrong("options", "an object");
-        };
-        for (k, v) in entries {
-            if (key_is(k, "num_ctx") || key_is(k, "num_predict"))
-                && !matches!(v, Json::Number(_) | Json::Null)
-            {
-                return Err(format!("options.{} must be a number", k.to_ascii_lowercase()));
-            }
-        }
-    }
-    if let Some(v) = json.field("keep_alive")
-        && !matches!(v, Json::Number(_) | Json::String(_))
-    {
-        return wrong("keep_alive", "a number or a string");
-    }
-    if let Some(v) = json.field("stream")
-        && !matches!(v, Json::Bool(_))
-    {
-        return wrong("stream", "a boolean");
-    }
-    if let Some(v) = json.field("messages")
-        && !matches!(v, Json::Array(_))
-    {
-        return wrong("messages", "an array");
-    }
-    if let Some(v) = json.field("prompt")
-        && !matches!(v, Json::String(_))
-    {
-        return wrong("prompt", "a string");
-    }
-    if let Some(v) = json.field("system") {
-        let ok = match v {
-            Json::String(_) => true,
-            Json::Array(_) => kind == Kind::Messages,
-            _ => false,
-        };
-        if !ok {
-            return wrong("system", "a string");
-        }
-    }
-    Ok(())
-}
-
-/// A string a prompt filter sees (SPEC §7.4): a string value or an object key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Piece<'a> {
-    Value(&'a str),
-    Key(&'a str),
-}
-
-/// Where a value sits in the body, which decides what in it is image data
-/// (SPEC §7.4). An array passes its place on to its elements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Place {
-    /// The body itself.
-    Top,
-    /// A message: an element of top-level `messages`, or a Responses `input`
-    /// item.
-    Message,
-    /// A content block: an element of a message's `content`, or of a
-    /// block's own `content` (`tool_result`).
-    Block,
-    /// The strings of an `images` array (top level or in a message).
-    Images,
-    /// A block's `image_url` object, whose `url` is image data when it is a
-    /// `data:` URL.
-    ImageUrl,
-    /// A block's base64 `source`, whose `data` is image data.
-    Base64Source,
-    /// Anywhere else: nothing is exempt.
-    Other,
-}
-
-/// Whether a string is inline image data as Ollama's OpenAI layer decodes it
-/// (it accepts nothing else in an `image_url`, so no text gets through).
-fn is_data_url(v: &Json) -> bool {
-    v.as_str().is_some_and(|s| s.starts_with("data:"))
-}
-
-/// Visits every key and string value of `value`, in body order, except the
-/// exemptions of SPEC §7.4: the top-level `model` value, standard `role`
-/// values and image data in the places Ollama decodes it as an image. No key
-/// name exempts anything anywhere else. Recursion is bounded by the parser's
-/// nesting limit.
-fn walk<'a>(
-    kind: Kind,
-    value: &'a Json,
-    place: Place,
-    f: &mut dyn FnMut(Piece<'a>) -> ControlFlow<()>,
-) -> ControlFlow<()> {
-    match value {
-        Json::String(s) if place != Place::Images => f(Piece::Value(s)),
-        Json::Array(items) => {
-            for item in items {
-                let inner = if matches!(item, Json::Array(_)) { Place::Other } else { place };
-                walk(kind, item, inner, f)?;
-            }
-            ControlFlow::Continue(())
-        }
-        Json::Object(entries) => {
-            for (k, v) in entries {
-                f(Piece::Key(k))?;
-                if key_is(k, "role") && v.as_str().is_some_and(|r| STANDARD_ROLES.contains(&r)) {
-                    continue;
-                }
-                let array = matches!(v, Json::Array(_));
-                let child = match place {
-                    Place::Top if key_is(k, "model") && v.as_str().is_some() => continue,
-                    Place::Top | Place::Message if key_is(k, "images") && array => Place::Images,
-                    Place::Top if key_is(k, "messages") && array => Place::Message,
-                    Place::Top if kind == Kind::Responses && key_is(k, "input") && array => {
-                        Place::Message
-                    }
-                    Place::Message | Place::Block if key_is(k, "content") && array => Place::Block,
-                    Place::Block if key_is(k, "image_url") && is_data_url(v) => continue,
-                    Place::Block if key_is(k, "image_url") => Place::ImageUrl,
-                    Place::Block
-                        if key_is(k, "source")
-                            && v.field("type").and_then(Json::as_str) == Some("base64") =>
-                    {
-                        Place::Base64Source
-                    }
-                    Place::ImageUrl if key_is(k, "url") && is_data_url(v) => continue,
-                    Place::Base64Source if key_is(k, "data") && v.as_str().is_some() => continue,
-                    _ => Place::Other,
-                };
-                walk(kind, v, child, f)?;
-            }
-            ControlFlow::Continue(())
-        }
-        Json::String(_) | Json::Null | Json::Bool(_) | Json::Number(_) => ControlFlow::Continue(()),
-    }
-}
-
-/// The text parts of a message's `content` (or of `system`): the string
-/// itself, or the `text` of each block, with those of blocks nested in a
-/// block's `content` (`tool_result`) included.
-fn text_parts<'a>(content: &'a Json, out: &mut Vec<&'a str>) {
-    match content {
-        Json::String(s) => out.push(s),
-        Json::Array(blocks) => {
-            for block in blocks {
-                match block {
-                    Json::String(s) => out.push(s),
-                    Json::Object(_) => {
-                        if let Some(Json::String(t)) = block.field("text") {
-                            out.push(t);
-                        }
-                        if let Some(inner) = block.field("content") {
-                            text_parts(inner, out);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-impl Request {
-    /// Every string value that is prompt text (SPEC §7.4: all but the
-    /// exemptions; keys aside), in body order, borrowed from the body: what
-    /// `log_prompts` writes and the prompt digest covers.
-    pub fn for_each_text<'a>(&'a self, mut f: impl FnMut(&'a str)) {
-        let _ = walk(self.kind, &self.body, Place::Top, &mut |piece| {
-            if let Piece::Value(s) = piece {
-                f(s);
-            }
-            ControlFlow::Continue(())
-        });
-    }
-
-    /// Offers `hit` everything a prompt pattern must see (SPEC §7.4): every
-    /// string value and object key but the exemptions, then each message's
-    /// (and `system`'s) text parts joined with `""` and with `"\n"`, so a
-    /// phrase split across blocks is seen whole. Stops at the first `true`
-    /// and returns whether there was one. Joined texts are built one
-    /// message at a time, never all at once.
-    pub fn scan(&self, mut hit: impl FnMut(&str) -> bool) -> bool {
-        let found = walk(self.kind, &self.body, Place::Top, &mut |piece| {
-            let (Piece::Value(s) | Piece::Key(s)) = piece;
-            if hit(s) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
-        });
-        if found.is_break() {
-            return true;
-        }
-        let mut messages: Vec<&Json> = Vec::new();
-        for field in ["messages", "input"] {
-            if field == "input" && self.kind != Kind::Responses {
-                continue;
-            }
-            if let Some(Json::Array(items)) = self.body.field(field) {
-                messages.extend(items.iter().filter_map(|m| m.field("content")));
-            }
-        }
-        messages.extend(self.body.field("system"));
-        let mut parts = Vec::new();
-        for content in messages {
-            parts.clear();
-            text_parts(content, &mut parts);
-            if parts.len() < 2 {
-                continue; // a single part was seen on its own
-            }
-            if hit(&parts.concat()) || hit(&parts.join("\n")) {
-                return true;
-            }
-        }
-        false
-    }
-}
-/// For a streamed `/v1/chat/completions` whose client did not ask for usage:
-/// the body with `stream_options.include_usage: true`, so Ollama reports the
-/// tokens (SPEC §9; butler hides the extra chunk from the client). Edits
-/// in place; false when nothing needed to change.
-pub fn include_usage(body: &mut Json) -> bool {
-    if !matches!(body.field("stream"), Some(Json::Bool(true))) {
-        return false;
-    }
-    let options = body.field("stream_options");
-    if options.and_then(|o| o.field("include_usage")) == Some(&Json::Bool(true)) {
-        return false;
-    }
-    let Json::Object(entries) = body else { return false };
-    let flag = ("include_usage".to_owned(), Json::Bool(true));
-    match entries.iter_mut().find(|(k, _)| key_is(k, "stream_options")) {
-        Some((_, Json::Object(options))) => {
-            options.retain(|(k, _)| !key_is(k, "include_usage"));
-            options.push(flag);
-        }
-        Some((_, slot)) => *slot = Json::Object(vec![flag]),
-        None => entries.push(("stream_options".to_owned(), Json::Object(vec![flag]))),
-    }
-    true
-}
-
-/// Writes a generation cap of `value` where Ollama reads it for `kind`
-/// (SPEC §7.3), in place; false if the route takes none.
-pub fn inject_predict(kind: Kind, body: &mut Json, value: u64) -> bool {
-    let Some(field) = kind.predict_field() else { return false };
-    let Json::Object(entries) = body else { return false };
-    let number = Json::Number(Num::U(value));
-    match field {
-        PredictField::Top(name) => {
-            // Any folding variant present is null (else it would be effective).
-            entries.retain(|(k, _)| !key_is(k, name));
-            entries.push((name.to_owned(), number));
-        }
-        PredictField::Options => {
-            match entries.iter_mut().find(|(k, _)| key_is(k, "options")) {
-                Some((_, Json::Object(options))) => {
-                    options.retain(|(k, _)| k != "num_predict");
-                    options.push(("num_predict".to_owned(), number));
-                }
-                Some((_, slot)) => {
-                    // `options: null` counts as absent.
-                    *slot = Json::Object(vec![("num_predict".to_owned(), number)]);
-                }
-                None => entries.push((
-                    "options".to_owned(),
-                    Json::Object(vec![("num_predict".into(), number)]),
-                )),
-            }
-        }
-    }
-    true
-}
-
-/// Type checks for the `/api/create` fields butler reads (SPEC §7.1, §7.3): `parameters` is
-/// a Go `map[string]any`, so any value type decodes, but Ollama later loads `num_ctx` and
-/// `num_predict` from it as numbers; `remote_host` is a string.
-fn check_create_types(json: &Json) -> Result<(), String> {
-    if let Some(parameters) = json.field("parameters") {
-        let Json::Object(entries) = parameters else {
-            return Err("parameters must be an object".into());
-        };
-        for (k, v) in entries {
-            if (key_is(k, "num_ctx") || key_is(k, "num_predict"))
-                && !matches!(v, Json::Number(_) | Json::Null)
-            {
-                return Err(format!("parameters.{} must be a number", k.to_ascii_lowercase()));
-            }
-        }
-    }
-    if let Some(v) = json.field("remote_host")
-        && !matches!(v, Json::String(_))
-    {
-        return Err("remote_host must be a string".into());
-    }
-    Ok(())
-}
-
-/// `parameters.num_ctx` and `parameters.num_predict` of an `/api/create` body: the model's
-/// defaults for every later request, so they are capped like a request's options (SPEC §7.3).
-/// Keys are read case-insensitively although Ollama's map reads them exactly: a variant
-/// Ollama ignores can only make butler stricter.
-pub fn create_parameters(body: &Json) -> (Option<Num>, Option<Limit>) {
-    let parameters = body.field("parameters");
-    let number = |name: &str| match parameters.and_then(|p| p.field(name)) {
-        Some(Json::Number(n)) => Some(*n),
-        _ => None,
-    };
-    let predict = number("num_predict")
-        .map(|n| if n.as_f64() < 1.0 { Limit::Unbounded(n) } else { Limit::Value(n) });
-    (number("num_ctx"), predict)
-}
-
-/// Whether an `/api/create` body makes a model that runs on another host (`remote_host`):
-/// Ollama then forwards every request for it there (ollama.com by default, on the host
-/// owner's account), so it is a cloud model whatever its name. A `from` naming a cloud model
-/// does the same and is caught as a cloud name.
-pub fn creates_remote(req: &Request) -> bool {
-    req.kind == Kind::Create
-        && req.body.field("remote_host").and_then(Json::as_str).is_some_and(|h| !h.is_empty())
 }
 
 #[cfg(test)]
@@ -1093,7 +1889,7 @@ mod tests {
     fn texts(kind: Kind, body: &str) -> Vec<String> {
         let r = inspect(kind, body.as_bytes()).unwrap();
         let mut out = Vec::new();
-        r.for_each_text(|t| out.push(t.to_owned()));
+        r.for_each_text(|t| out.push(t.into_owned()));
         out
     }
 
@@ -1227,11 +2023,11 @@ mod tests {
         let body =
             br#"{"model":"m","parameters":{"num_ctx":8192.0,"NUM_PREDICT":-1,"stop":["x"]}}"#;
         let r = inspect(Kind::Create, body).unwrap();
-        let (ctx, predict) = create_parameters(&r.body);
+        let (ctx, predict) = create_parameters(&r);
         assert_eq!(ctx.map(Num::as_f64), Some(8192.0));
         assert!(matches!(predict, Some(Limit::Unbounded(_))));
         let r = inspect(Kind::Create, br#"{"model":"m","parameters":null}"#).unwrap();
-        assert_eq!(create_parameters(&r.body), (None, None));
+        assert_eq!(create_parameters(&r), (None, None));
         assert_eq!(
             bad(Kind::Create, r#"{"model":"m","parameters":[]}"#),
             "parameters must be an object"
@@ -1329,21 +2125,21 @@ mod tests {
 
     #[test]
     fn server_side_effects_are_read_as_ollama_reads_them() {
-        let r = |kind, body: &str| inspect(kind, body.as_bytes()).unwrap();
+        fn r(kind: Kind, body: &str) -> Request<'_> {
+            inspect(kind, body.as_bytes()).unwrap()
+        }
         let k = Kind::OpenAiGenerate;
         assert!(r(k, r#"{"model":"m","_debug_render_only":true}"#).debug_render_only);
         assert!(r(k, r#"{"model":"m","_DEBUG_RENDER_ONLY":true}"#).debug_render_only);
         assert!(!r(k, r#"{"model":"m","_debug_render_only":false}"#).debug_render_only);
         // Web search: a top-level tool whose type starts with web_search.
-        let ws = |kind, tools: &str| r(kind, &format!(r#"{{"model":"m","tools":{tools}}}"#));
-        assert!(
-            ws(Kind::Messages, r#"[{"type":"web_search_20250305","name":"web_search"}]"#)
-                .web_search
-        );
-        assert!(ws(Kind::Responses, r#"[{"name":"f"},{"TYPE":"web_search"}]"#).web_search);
-        assert!(!ws(Kind::Responses, r#"[{"type":"function","name":"web_search"}]"#).web_search);
-        assert!(!ws(Kind::Responses, r#"[{"type":"Web_Search"}]"#).web_search, "Go is exact");
-        assert!(!ws(Kind::OpenAiGenerate, r#"[{"type":"web_search"}]"#).web_search);
+        let ws =
+            |kind, tools: &str| r(kind, &format!(r#"{{"model":"m","tools":{tools}}}"#)).web_search;
+        assert!(ws(Kind::Messages, r#"[{"type":"web_search_20250305","name":"web_search"}]"#));
+        assert!(ws(Kind::Responses, r#"[{"name":"f"},{"TYPE":"web_search"}]"#));
+        assert!(!ws(Kind::Responses, r#"[{"type":"function","name":"web_search"}]"#));
+        assert!(!ws(Kind::Responses, r#"[{"type":"Web_Search"}]"#), "Go is exact");
+        assert!(!ws(Kind::OpenAiGenerate, r#"[{"type":"web_search"}]"#));
         // Runner options: exact keys in the options map, top-level shift folded.
         let opt = |body: &str| r(Kind::OllamaChat, body).runner_option;
         assert_eq!(opt(r#"{"model":"m","options":{"num_gpu":0}}"#), Some("num_gpu"));
@@ -1362,7 +2158,9 @@ mod tests {
 
     #[test]
     fn the_smallest_declared_limit_is_kept() {
-        let r = |body: &str| inspect(Kind::OpenAiGenerate, body.as_bytes()).unwrap();
+        fn r(body: &str) -> Request<'_> {
+            inspect(Kind::OpenAiGenerate, body.as_bytes()).unwrap()
+        }
         let req = r(r#"{"model":"m","max_completion_tokens":30,"num_predict":20}"#);
         assert_eq!(req.predict_smallest, Some(Num::U(20)));
         assert_eq!(req.predict, Some(Limit::Value(Num::U(30))));
@@ -1378,8 +2176,8 @@ mod tests {
     #[test]
     fn usage_is_requested_for_streamed_chat_completions() {
         let with_usage = |s: &str| {
-            let mut json = parse_object(s.as_bytes()).unwrap();
-            include_usage(&mut json).then(|| json.to_bytes())
+            let mut body = Body::parse(s.as_bytes()).unwrap();
+            include_usage(&mut body).then(|| body.to_bytes())
         };
         assert_eq!(
             with_usage(r#"{"model":"m","stream":true}"#).unwrap(),
@@ -1393,6 +2191,461 @@ mod tests {
         assert!(with_usage(r#"{"stream":true,"stream_options":{"include_usage":true}}"#).is_none());
         assert!(with_usage(r#"{"stream":false}"#).is_none());
         assert!(with_usage(r#"{"model":"m"}"#).is_none());
+    }
+
+    /// A small deterministic generator (xorshift), so failures reproduce.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[self.below(items.len())]
+        }
+    }
+
+    const KEYS: &[&str] = &[
+        "model",
+        "Model",
+        "mod\\u0065l",
+        "name",
+        "messages",
+        "Messages",
+        "input",
+        "system",
+        "content",
+        "Content",
+        "text",
+        "role",
+        "images",
+        "image_url",
+        "url",
+        "source",
+        "type",
+        "data",
+        "options",
+        "OPTIONS",
+        "num_ctx",
+        "num_predict",
+        "NUM_PREDICT",
+        "max_tokens",
+        "max_to\u{212a}ens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "keep_alive",
+        "stream",
+        "\u{17f}tream",
+        "stream_options",
+        "include_usage",
+        "prompt",
+        "_debug_render_only",
+        "tools",
+        "shift",
+        "context",
+        "parameters",
+        "remote_host",
+        "from",
+        "destination",
+        "modelfile",
+        "num_gpu",
+        "numa",
+        "low_vram",
+        "x",
+        "y",
+        "tool_result",
+    ];
+    const STRINGS: &[&str] = &[
+        "",
+        "m",
+        "llama3.2",
+        "hi\\nthere",
+        "data:xyz",
+        "base64",
+        "user",
+        "User",
+        "the plan",
+        "web_search",
+        "web_search_x",
+        "5m",
+        "0",
+        "0s",
+        "-1s",
+        "caf\\u00e9",
+        "a\\\"b",
+        "tool_result",
+        "text",
+        "image",
+        "evil",
+        "ev",
+        "il",
+        "\u{e9}t\u{e9}",
+    ];
+    const NUMBERS: &[&str] =
+        &["0", "1", "-1", "8192.0", "1e4", "0.5", "600", "99999", "-0", "7", "64", "1e-10"];
+
+    /// A random JSON value, biased by the key it sits under towards the shapes inspection
+    /// cares about (messages of blocks, options, image data…).
+    fn gen_value(rng: &mut Rng, key: &str, depth: usize, out: &mut String) {
+        let space = |rng: &mut Rng, out: &mut String| {
+            if rng.below(6) == 0 {
+                out.push_str(["  ", "\n", "\t"][rng.below(3)]);
+            }
+        };
+        space(rng, out);
+        let shape = match key {
+            "messages" | "Messages" | "input" | "content" | "Content" | "images" | "tools"
+            | "context" | "system"
+                if depth < 5 =>
+            {
+                [0, 0, 0, 1, 2][rng.below(5)]
+            }
+            "options" | "OPTIONS" | "parameters" | "stream_options" | "source" | "image_url"
+                if depth < 5 =>
+            {
+                [1, 1, 1, 2, 3][rng.below(5)]
+            }
+            _ if depth >= 5 => 2 + rng.below(2),
+            _ => rng.below(4),
+        };
+        match shape {
+            // An array, mostly of objects.
+            0 => {
+                out.push('[');
+                for i in 0..rng.below(4) {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    let inner = if rng.below(3) > 0 { "content" } else { "x" };
+                    if rng.below(4) > 0 {
+                        gen_object(rng, depth + 1, key, out);
+                    } else {
+                        gen_value(rng, inner, depth + 1, out);
+                    }
+                }
+                out.push(']');
+            }
+            1 => gen_object(rng, depth + 1, key, out),
+            2 => {
+                out.push('"');
+                out.push_str(rng.pick(STRINGS));
+                out.push('"');
+            }
+            _ => out.push_str(
+                [rng.pick(NUMBERS), "true", "false", "null", rng.pick(NUMBERS)][rng.below(5)],
+            ),
+        }
+        space(rng, out);
+    }
+
+    /// An object; its keys favour those that matter where it sits (under `parent`).
+    fn gen_object(rng: &mut Rng, depth: usize, parent: &str, out: &mut String) {
+        const MESSAGE: &[&str] = &["role", "content", "Content", "images", "text", "name"];
+        const BLOCK: &[&str] =
+            &["type", "text", "content", "source", "image_url", "data", "url", "Text"];
+        const OPTIONS: &[&str] =
+            &["num_ctx", "num_predict", "NUM_PREDICT", "num_gpu", "numa", "include_usage"];
+        out.push('{');
+        let mut used = Vec::new();
+        for i in 0..rng.below(5) {
+            let pool = match parent {
+                "messages" | "Messages" | "input" if rng.below(4) > 0 => MESSAGE,
+                "content" | "Content" | "system" | "source" | "image_url" if rng.below(4) > 0 => {
+                    BLOCK
+                }
+                "options" | "OPTIONS" | "parameters" | "stream_options" if rng.below(4) > 0 => {
+                    OPTIONS
+                }
+                _ => KEYS,
+            };
+            let key = rng.pick(pool);
+            // Mostly distinct keys (a duplicate refuses the whole body).
+            if used.contains(&key) && rng.below(8) > 0 {
+                continue;
+            }
+            used.push(key);
+            if i > 0 && !out.ends_with('{') {
+                out.push(',');
+            }
+            out.push('"');
+            out.push_str(key);
+            out.push_str("\":");
+            gen_value(rng, key, depth, out);
+        }
+        out.push('}');
+    }
+
+    /// A message's content: a string, or blocks of text, nested content and images, with
+    /// their members in any order.
+    fn gen_content(rng: &mut Rng, depth: usize, out: &mut String) {
+        let string = |rng: &mut Rng| format!("\"{}\"", rng.pick(STRINGS));
+        if depth > 3 || rng.below(4) == 0 {
+            out.push_str(&string(rng));
+            return;
+        }
+        out.push('[');
+        for i in 0..rng.below(5) {
+            if i > 0 {
+                out.push(',');
+            }
+            match rng.below(6) {
+                0 => out.push_str(&string(rng)),
+                1 => out.push_str("[\"nested\"]"),
+                2 => out.push_str(rng.pick(NUMBERS)),
+                _ => {
+                    let mut members: Vec<String> = Vec::new();
+                    if rng.below(3) > 0 {
+                        members.push(format!("\"text\":{}", string(rng)));
+                    }
+                    if rng.below(2) > 0 {
+                        let mut inner = String::new();
+                        gen_content(rng, depth + 1, &mut inner);
+                        members.push(format!("\"content\":{inner}"));
+                    }
+                    if rng.below(3) == 0 {
+                        let kind = ["base64", "url", "BASE64"][rng.below(3)];
+                        members.push(format!(
+                            "\"source\":{{\"data\":{},\"type\":\"{kind}\"}}",
+                            string(rng)
+                        ));
+                    }
+                    if rng.below(4) == 0 {
+                        members.push(format!("\"image_url\":{{\"url\":{}}}", string(rng)));
+                    }
+                    if rng.below(2) == 0 {
+                        members.push(format!("\"type\":{}", string(rng)));
+                    }
+                    // Any order.
+                    for j in (1..members.len()).rev() {
+                        members.swap(j, rng.below(j + 1));
+                    }
+                    out.push_str(&format!("{{{}}}", members.join(",")));
+                }
+            }
+        }
+        out.push(']');
+    }
+
+    fn gen_body(rng: &mut Rng) -> String {
+        let mut out = String::from("{");
+        if rng.below(4) > 0 {
+            out.push_str(&format!("\"model\":\"{}\",", rng.pick(STRINGS)));
+        }
+        for field in ["messages", "input", "system"] {
+            if rng.below(3) == 0 {
+                continue;
+            }
+            if field == "system" {
+                out.push_str("\"system\":");
+                gen_content(rng, 1, &mut out);
+                out.push(',');
+                continue;
+            }
+            out.push_str(&format!("\"{field}\":["));
+            for i in 0..rng.below(4) {
+                if i > 0 {
+                    out.push(',');
+                }
+                let role = ["user", "User", "x"][rng.below(3)];
+                out.push_str(&format!("{{\"role\":\"{role}\",\"content\":"));
+                gen_content(rng, 0, &mut out);
+                out.push('}');
+            }
+            out.push_str("],");
+        }
+        let mut inner = String::new();
+        gen_object(rng, 0, "", &mut inner);
+        out.push_str(&inner[1..]);
+        if out.ends_with(",}") {
+            out.truncate(out.len() - 2);
+            out.push('}');
+        }
+        out
+    }
+
+    const ALL_KINDS: [Kind; 10] = [
+        Kind::OllamaChat,
+        Kind::OllamaGenerate,
+        Kind::OllamaEmbed,
+        Kind::OpenAiGenerate,
+        Kind::OpenAiEmbed,
+        Kind::Responses,
+        Kind::Messages,
+        Kind::ModelOnly,
+        Kind::Copy,
+        Kind::Create,
+    ];
+
+    /// Compares the streaming inspection with the tree one butler used before on one body:
+    /// the verdict, every fact, the texts, the scan (joined texts in the old order) and the
+    /// edits (as JSON values).
+    fn agree(kind: Kind, body: &str) {
+        let new = inspect(kind, body.as_bytes());
+        let old = oracle::inspect(kind, body.as_bytes());
+        let (mut new, mut old) = match (new, old) {
+            (Ok(n), Ok(o)) => (n, o),
+            (Err(n), Err(o)) => return assert_eq!(n, o, "{kind:?} {body}"),
+            (n, o) => panic!("{kind:?} {body}: {:?} vs {:?}", n.err(), o.err()),
+        };
+        let models: Vec<&str> = new.models.iter().map(|m| m.as_ref()).collect();
+        assert_eq!(models, old.models, "{kind:?} {body}");
+        assert_eq!(
+            (new.num_ctx, new.predict, new.predict_smallest, new.predict_effective),
+            (old.num_ctx, old.predict, old.predict_smallest, old.predict_effective),
+            "{kind:?} {body}"
+        );
+        assert_eq!(
+            (new.keep_alive, new.unload, new.debug_render_only, new.web_search),
+            (old.keep_alive, old.unload, old.debug_render_only, old.web_search),
+            "{kind:?} {body}"
+        );
+        assert_eq!(
+            (new.runner_option, new.context, create_parameters(&new), creates_remote(&new)),
+            (
+                old.runner_option,
+                old.context,
+                oracle::create_parameters(&old.body),
+                oracle::creates_remote(&old)
+            ),
+            "{kind:?} {body}"
+        );
+        let mut texts = (Vec::new(), Vec::new());
+        new.for_each_text(|t| texts.0.push(t.into_owned()));
+        old.for_each_text(|t| texts.1.push(t.to_owned()));
+        assert_eq!(texts.0, texts.1, "{kind:?} {body}");
+        let mut scanned: Vec<(Origin, String)> = Vec::new();
+        new.scan_from(|t, origin| {
+            scanned.push((origin, t.to_owned()));
+            false
+        });
+        // The old order: the body's texts, then joined parts by origin.
+        scanned.sort_by_key(|(origin, _)| *origin);
+        let scanned: Vec<String> = scanned.into_iter().map(|(_, t)| t).collect();
+        let mut old_scanned = Vec::new();
+        old.scan(|t| {
+            old_scanned.push(t.to_owned());
+            false
+        });
+        assert_eq!(scanned, old_scanned, "{kind:?} {body}");
+
+        // Edits: the same JSON as the tree's re-serialisation, and a body that inspects.
+        let as_value = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+        let new_edit = inject_predict(kind, &mut new.body, 77);
+        let old_edit = oracle::inject_predict(kind, &mut old.body, 77);
+        assert_eq!(new_edit, old_edit);
+        let usage = include_usage(&mut new.body);
+        assert_eq!(usage, oracle::include_usage(&mut old.body), "{kind:?} {body}");
+        if new_edit || usage {
+            let out = new.body.to_bytes();
+            let mut want = as_value(&old.body.to_bytes());
+            // Where the cap goes into `options`, a variant of `num_predict` that Ollama's
+            // map ignores is removed as well (the tree kept it, which made its own result
+            // fail re-inspection as a duplicate).
+            if kind.predict_field() == Some(PredictField::Options)
+                && let Some(serde_json::Value::Object(options)) = want
+                    .as_object_mut()
+                    .and_then(|o| o.iter_mut().find(|(k, _)| key_is(k, "options")).map(|e| e.1))
+            {
+                options.retain(|k, _| k == "num_predict" || !key_is(k, "num_predict"));
+            }
+            let text = String::from_utf8_lossy(&out).into_owned();
+            assert_eq!(as_value(&out), want, "{kind:?} {body}\n{text}");
+            let again = inspect(kind, &out).unwrap_or_else(|e| panic!("{e}: {text}"));
+            if new_edit {
+                assert!(again.predict_effective, "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn streaming_inspection_agrees_with_the_tree_on_random_bodies() {
+        let mut rng = Rng(0x0123_4567_89ab_cdef);
+        let (mut ok, mut joined, mut edited) = (0, 0, 0);
+        for _ in 0..6000 {
+            let body = gen_body(&mut rng);
+            for kind in ALL_KINDS {
+                agree(kind, &body);
+                if let Ok(mut r) = inspect(kind, body.as_bytes()) {
+                    ok += 1;
+                    r.scan_from(|_, o| {
+                        joined += usize::from(o != Origin::Body);
+                        false
+                    });
+                    edited += usize::from(include_usage(&mut r.body));
+                }
+            }
+        }
+        // The generator must keep reaching the interesting cases.
+        assert!(ok > 5000 && joined > 2000 && edited > 10, "{ok} {joined} {edited}");
+    }
+
+    #[test]
+    fn streaming_inspection_agrees_with_the_tree_on_chosen_bodies() {
+        let bodies = [
+            r#"{"model":"m","messages":[{"role":"user","content":[{"content":[{"text":"c"}],"text":"a","type":"tool_result"},{"text":"b"}]}]}"#,
+            r#"{"model":"m","messages":[{"content":[{"content":"x","text":"t"},"s",["no"],{"content":["y",{"text":"z","content":"w"}]}]}],"system":[{"text":"a"},"b"]}"#,
+            r#"{"system":"s","model":"m","input":[{"content":["a","b"]}],"messages":[{"content":["c","d"]}]}"#,
+            r#"{"model":"m","messages":[{"content":[{"type":"image","source":{"data":"D","type":"base64"}},{"source":{"type":"base64","data":"E"}},{"source":{"type":null,"data":"F"}}]}]}"#,
+            r#"{"model":"m","messages":[{"role":"assistant","images":["I"],"content":[{"image_url":"data:1"},{"image_url":{"url":"data:2","x":"data:3"}},{"image_url":{"url":"http://u"}}]}]}"#,
+            r#"{"model":"m","options":{"NUM_PREDICT":5,"temperature":1},"stream":true}"#,
+            r#"{"model":"m","options":{"num_predict":null},"max_tokens":null,"max_output_tokens":null,"stream":true,"stream_options":null}"#,
+            r#"{ "model" : "m" , "stream" : true , "stream_options" : { "include_usage" : false } }"#,
+            r#"{"stream_options":{"Include_Usage":false,"x":1},"model":"m","stream":true,"max_tokens":null}"#,
+            r#"{"max_tokens":null}"#,
+            r#"{"model":"m","keep_alive":"0s","messages":[]}"#,
+            r#"{"model":"m","prompt":"","keep_alive":0}"#,
+            r#"{"model":"m","tools":[{"type":"web_search"},5,{"type":null}]}"#,
+            r#"{"model":"m","parameters":{"num_ctx":1,"NUM_PREDICT":-1},"remote_host":"h","from":"f"}"#,
+        ];
+        for body in bodies {
+            for kind in ALL_KINDS {
+                agree(kind, body);
+            }
+        }
+    }
+
+    #[test]
+    fn the_deepest_body_is_walked_on_a_worker_stack() {
+        // Content blocks nested as deep as the parser allows (each level an object and an
+        // array), walked on a stack the size of a worker's (1 MiB), unoptimised.
+        let levels = (jsonscan::MAX_DEPTH - 4) / 2;
+        let mut body = String::from(r#"{"model":"m","messages":[{"content":"#);
+        for _ in 0..levels {
+            body.push_str(r#"[{"text":"t","source":{"type":"base64","data":"d"},"content":"#);
+        }
+        body.push_str(r#""x""#);
+        body.push_str(&"}]".repeat(levels));
+        body.push_str("}]}");
+        let run = move || {
+            let mut r = inspect(Kind::Messages, body.as_bytes()).expect("accepted");
+            let mut joined = 0;
+            r.scan_from(|_, origin| {
+                joined += usize::from(origin != Origin::Body);
+                false
+            });
+            let mut texts = 0;
+            r.for_each_text(|_| texts += 1);
+            assert!(inject_predict(Kind::Messages, &mut r.body, 5));
+            assert!(inspect(Kind::Messages, &r.body.to_bytes()).is_ok());
+            (joined, texts)
+        };
+        let (joined, texts) =
+            std::thread::Builder::new().stack_size(1 << 20).spawn(run).unwrap().join().unwrap();
+        assert_eq!(joined, 2, "the message's parts joined with \"\" and \"\\n\"");
+        assert_eq!(texts, 2 * levels + 1, "each level's text and source type, and the last");
+    }
+
+    #[test]
+    fn field_table_matches_the_enum() {
+        for (i, (_, field)) in FIELDS.iter().enumerate() {
+            assert_eq!(*field as usize, i);
+        }
     }
 
     #[test]

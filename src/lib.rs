@@ -14,6 +14,7 @@ pub mod cors;
 pub mod health;
 pub mod http;
 pub mod inspect;
+pub mod jsonscan;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

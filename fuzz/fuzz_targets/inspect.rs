@@ -5,8 +5,15 @@
 //! patterns match — checked on butler's re-reading of what is forwarded and
 //! against an independent reading (serde_json's, which keeps the last
 //! duplicate; butler refuses duplicates, so both must agree).
+//!
+//! butler reads bodies with its own streaming reader (`jsonscan`): it must
+//! accept and refuse exactly what serde_json (into butler's tree, refusing
+//! folding duplicates) does, for the same reason; and an edit, spliced into
+//! the original bytes, must give the same JSON value as the edit made on
+//! serde_json's reading, with everything butler read unchanged.
 #![no_main]
-use butler::inspect::{Kind, Limit, inject_predict, inspect};
+use butler::inspect::{Kind, Limit, include_usage, inject_predict, inspect, key_is, parse_any};
+use butler::jsonscan;
 use std::sync::Arc;
 
 use butler::policy::model::{ModelAcl, ModelName, Pattern};
@@ -44,11 +51,60 @@ fn keys_clean(v: &Value) -> bool {
     }
 }
 
+/// The edit butler makes, made on serde_json's reading instead: the cap where the route
+/// reads it (any folding variant replaced), `stream_options.include_usage: true`.
+fn edited(kind: Kind, mut json: Value, cap: Option<u64>, usage: bool) -> Value {
+    let Some(top) = json.as_object_mut() else { return json };
+    if let Some(cap) = cap {
+        let field = match kind {
+            Kind::OllamaChat | Kind::OllamaGenerate => None,
+            Kind::OpenAiGenerate | Kind::Messages => Some("max_tokens"),
+            _ => Some("max_output_tokens"),
+        };
+        match field {
+            Some(name) => {
+                top.retain(|k, _| !key_is(k, name));
+                top.insert(name.into(), cap.into());
+            }
+            None => {
+                let key = top.keys().find(|k| key_is(k, "options")).cloned();
+                match key.as_ref().and_then(|k| top.get_mut(k)) {
+                    Some(Value::Object(options)) => {
+                        options.retain(|k, _| !key_is(k, "num_predict"));
+                        options.insert("num_predict".into(), cap.into());
+                    }
+                    Some(slot) => *slot = serde_json::json!({ "num_predict": cap }),
+                    None => {
+                        top.insert("options".into(), serde_json::json!({ "num_predict": cap }));
+                    }
+                }
+            }
+        }
+    }
+    if usage {
+        let key = top.keys().find(|k| key_is(k, "stream_options")).cloned();
+        match key.as_ref().and_then(|k| top.get_mut(k)) {
+            Some(Value::Object(options)) => {
+                options.retain(|k, _| !key_is(k, "include_usage"));
+                options.insert("include_usage".into(), true.into());
+            }
+            Some(slot) => *slot = serde_json::json!({ "include_usage": true }),
+            None => {
+                top.insert("stream_options".into(), serde_json::json!({ "include_usage": true }));
+            }
+        }
+    }
+    json
+}
+
 fuzz_target!(|data: &[u8]| {
-    let acl = ModelAcl::new(
-        vec![Pattern::parse("*").unwrap()],
-        vec![Pattern::parse("denied").unwrap()],
-    );
+    // The streaming reader accepts and refuses exactly what serde_json does.
+    let theirs = parse_any(data).map(|_| ());
+    let ours = jsonscan::validate(data);
+    assert_eq!(ours, theirs, "{:?}", String::from_utf8_lossy(data));
+
+    let acl =
+        ModelAcl::new(vec![Pattern::parse("*").unwrap()], vec![Pattern::parse("denied").unwrap()]);
     let policy = Grant::single(Arc::new(Policy {
         models: acl,
         max_ctx: Some(4096),
@@ -61,13 +117,36 @@ fuzz_target!(|data: &[u8]| {
         let mut bytes = 0;
         request.for_each_text(|t| bytes += t.len());
         let Ok(verdict) = policy.judge(&request) else { continue };
-        let forwarded = match verdict.inject_predict {
-            Some(cap) if inject_predict(kind, &mut request.body, cap) => request.body.to_bytes(),
-            _ => data.to_vec(),
-        };
+        let cap =
+            verdict.inject_predict.filter(|&cap| inject_predict(kind, &mut request.body, cap));
+        let usage = kind == Kind::OpenAiGenerate && include_usage(&mut request.body);
+        let forwarded =
+            if cap.is_some() || usage { request.body.to_bytes() } else { data.to_vec() };
         // What is forwarded is still one object that names no denied model
         // and does nothing the subject has no right to.
         let again = inspect(kind, &forwarded).expect("forwarded body re-inspects");
+        // The same facts, but for the edit.
+        assert_eq!(again.models, request.models);
+        assert_eq!(again.num_ctx, request.num_ctx);
+        assert_eq!(again.keep_alive, request.keep_alive);
+        assert_eq!(
+            (again.unload, again.debug_render_only, again.web_search, again.context),
+            (request.unload, request.debug_render_only, request.web_search, request.context)
+        );
+        assert_eq!(again.runner_option, request.runner_option);
+        if cap.is_none() {
+            assert_eq!(again.predict, request.predict);
+        }
+        let mut texts = (Vec::new(), Vec::new());
+        request.for_each_text(|t| texts.0.push(t.into_owned()));
+        again.for_each_text(|t| texts.1.push(t.into_owned()));
+        if !usage {
+            assert_eq!(texts.0, texts.1, "an edit adds no prompt text");
+        }
+        // The splice is the edit on serde_json's reading, and nothing else.
+        let original: Value = serde_json::from_slice(data).expect("serde_json reads it");
+        let spliced: Value = serde_json::from_slice(&forwarded).expect("valid JSON forwarded");
+        assert_eq!(spliced, edited(kind, original, cap, usage));
         for name in &again.models {
             let m = ModelName::parse(name).expect("admitted names parse");
             assert!(policy.permits(&m));
@@ -92,7 +171,10 @@ fuzz_target!(|data: &[u8]| {
         let Ok(json @ Value::Object(_)) = serde_json::from_slice::<Value>(&forwarded) else {
             continue;
         };
-        if let Some(s) = field(&json, "model").and_then(Value::as_str).filter(|s| !s.is_empty()) {
+        // (`/api/copy` reads `source` and `destination`; a `model` there is ignored.)
+        if let Some(s) = field(&json, "model").and_then(Value::as_str).filter(|s| !s.is_empty())
+            && kind != Kind::Copy
+        {
             assert!(ModelName::parse(s).is_ok_and(|m| policy.permits(&m)));
         }
         assert_ne!(field(&json, "_debug_render_only"), Some(&Value::Bool(true)));

@@ -86,15 +86,46 @@ impl PromptFilter {
 
     /// The first configured pattern that matches anything a prompt filter
     /// sees in `req` (SPEC §7.4, [`Request::scan`]).
-    pub fn first_match(&self, req: &Request) -> Option<&str> {
-        let set = self.set.as_ref()?;
-        let mut found = None;
-        req.scan(|text| {
-            found = set.is_match(text).then(|| set.matches(text).iter().next()).flatten();
-            found.is_some()
-        });
-        found.map(|i| self.sources[i].as_str())
+    pub fn first_match(&self, req: &Request<'_>) -> Option<&str> {
+        first_matches(&[self], req).pop().flatten()
     }
+}
+
+/// For each filter, the pattern [`PromptFilter::first_match`] reports, in one walk over the
+/// body whatever the number of filters. The pattern reported is that of the first text
+/// that matches in this order: the body's strings and keys in body order, then the joined
+/// parts of messages, of Responses `input` items and of `system` ([`inspect::Origin`]); of several
+/// patterns matching that text, the first configured. The walk stops once every filter has
+/// matched in the body itself (nothing later can come first).
+fn first_matches<'p>(filters: &[&'p PromptFilter], req: &Request<'_>) -> Vec<Option<&'p str>> {
+    // Per filter: the index of the first match in the body, and in each kind of joined text.
+    let mut found: Vec<[Option<usize>; 4]> = vec![[None; 4]; filters.len()];
+    let all_in_body = |found: &[[Option<usize>; 4]]| {
+        filters.iter().zip(found).all(|(f, found)| f.set.is_none() || found[0].is_some())
+    };
+    if !all_in_body(&found) {
+        req.scan_from(|text, origin| {
+            let slot = origin as usize;
+            for (filter, found) in filters.iter().zip(found.iter_mut()) {
+                let Some(set) = &filter.set else { continue };
+                if found[0].is_some() || found[slot].is_some() {
+                    continue;
+                }
+                if set.is_match(text) {
+                    found[slot] = set.matches(text).iter().next();
+                }
+            }
+            all_in_body(&found)
+        });
+    }
+    filters
+        .iter()
+        .zip(found)
+        .map(|(filter, found)| {
+            let index = found.into_iter().flatten().next()?;
+            filter.sources.get(index).map(String::as_str)
+        })
+        .collect()
 }
 
 fn first_line(s: &str) -> &str {
@@ -397,7 +428,7 @@ impl Grant {
         if req.kind == inspect::Kind::Create {
             // A created model's parameters become every later request's defaults: capped
             // like a request's options, nothing injected (SPEC §7.3).
-            let (num_ctx, predict) = inspect::create_parameters(&req.body);
+            let (num_ctx, predict) = inspect::create_parameters(req);
             if let (Some(asked), Some(limit)) = (num_ctx, self.max_ctx)
                 && asked.as_f64() > limit as f64
             {
@@ -441,20 +472,17 @@ impl Grant {
                     "context is not allowed with prompt filters".into(),
                 ));
             }
-            let mut rejected = None;
-            for p in judges {
-                match p.prompts.first_match(req) {
-                    None => {
-                        rejected = None;
-                        break;
-                    }
-                    Some(pattern) => {
-                        rejected.get_or_insert_with(|| pattern.to_owned());
-                    }
+            // The request passes if one judge accepts it; a judge without patterns accepts
+            // everything. All of them are asked in one walk over the body; the first
+            // judge's pattern is the one reported.
+            if judges.iter().all(|p| !p.prompts.is_empty()) {
+                let filters: Vec<&PromptFilter> = judges.iter().map(|p| &p.prompts).collect();
+                let matches = first_matches(&filters, req);
+                if let Some(patterns) = matches.into_iter().collect::<Option<Vec<&str>>>()
+                    && let Some(pattern) = patterns.first()
+                {
+                    return Err(Refusal::PromptRejected { pattern: (*pattern).to_owned() });
                 }
-            }
-            if let Some(pattern) = rejected {
-                return Err(Refusal::PromptRejected { pattern });
             }
         }
         Ok(Verdict { models, inject_predict })

@@ -20,7 +20,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
-use support::{Butler, Canned, FakeOllama, request};
+use support::{Butler, Canned, FakeOllama, RawConn};
 
 /// The inspection ceiling (SPEC §7.3): exactly this size is allowed.
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -215,7 +215,14 @@ fn post(butler: &Butler, key: &str, body: &[u8]) -> u16 {
         ("Content-Type", "application/json"),
         ("X-Request-Id", id.as_str()),
     ];
-    let status = request(butler.addr(), "POST", "/api/chat", &headers, body).status;
+    // A generous deadline: this test measures memory, not speed, and an unoptimised build on
+    // a busy two-core machine can take several seconds per 8 MiB body.
+    let mut conn = RawConn::connect(butler.addr());
+    conn.send_request("POST", "/api/chat", &headers, body).expect("request sent");
+    let status = conn
+        .read_response("POST", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("POST /api/chat ({id}) failed: {e}"))
+        .status;
     let done = butler.wait_log(
         |v| v["msg"] == "response" && v["request_id"] == id.as_str(),
         Duration::from_secs(30),

@@ -271,7 +271,7 @@ fn inspecting_an_8_mib_body_takes_at_most_four_times_its_size() {
         for (key, status) in [(FILTERED, 200), (NOBODY, 403)] {
             let (before, _) = rss_and_peak(pid);
             reset_peak(pid);
-            let (got, ms) = post_timed(&butler, key, &body);
+            let (got, ms) = post_timed(&butler, key, body);
             assert_eq!(got, status, "{name}\n{}", butler.output());
             let (after, peak) = rss_and_peak(pid);
             let extra = peak.saturating_sub(before);

@@ -17,6 +17,7 @@
 //! (listings).
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fmt;
 use std::ops::ControlFlow;
@@ -385,6 +386,9 @@ pub struct Request<'a> {
     create_parameters: (Option<Num>, Option<Limit>),
     /// A non-empty `remote_host` on `/api/create`.
     remote: bool,
+    /// Where the prompt texts are (start, end with the top bit for "escaped"), once a walk
+    /// has found them all and they were few enough to note (see `Request::walk`).
+    texts: RefCell<Option<Vec<(u32, u32)>>>,
     /// The body as sent, with what an edit needs to know about it.
     pub body: Body<'a>,
 }
@@ -518,7 +522,7 @@ impl Inner {
 /// SPEC §9 usage): an edit is spliced into a copy of the original bytes rather than
 /// re-serialising anything, so everything else reaches Ollama byte for byte.
 pub struct Body<'a> {
-    src: &'a [u8],
+    src: &'a str,
     top: Obj,
     /// The top-level `options` member (folded key), and its object if it is one.
     options: Option<(Entry, Option<Obj>)>,
@@ -569,9 +573,12 @@ impl Read<'_> {
 /// butler reads are kept.
 struct Reading<'a> {
     r: Reader<'a>,
-    src: &'a [u8],
+    /// The body's bytes, and the body as text as far as it is UTF-8 (every key and string
+    /// the reader returns lies in it).
+    bytes: &'a [u8],
+    src: &'a str,
     fold: Vec<u8>,
-    scratch: Vec<u8>,
+    scratch: String,
 }
 
 impl<'a> Reading<'a> {
@@ -598,7 +605,9 @@ impl<'a> Reading<'a> {
                 return Ok((Val::Array { empty: false }, self.close()?));
             }
             Token::String => Val::Str(v),
-            Token::Number => Val::Number(jsonscan::number(&self.src[v.start..v.end])?),
+            Token::Number => {
+                Val::Number(jsonscan::number(self.bytes.get(v.start..v.end).unwrap_or_default())?)
+            }
             Token::True => Val::Bool(true),
             Token::False => Val::Bool(false),
             Token::Null => Val::Null,
@@ -783,8 +792,9 @@ fn read(kind: Kind, body: &[u8]) -> Result<Read<'_>, String> {
         return Err("empty body".into());
     }
     let reason = |e: jsonscan::Error| e.reason().to_owned();
-    let mut reading =
-        Reading { r: Reader::new(body), src: body, fold: Vec::new(), scratch: Vec::new() };
+    let r = Reader::new(body);
+    let src = r.text();
+    let mut reading = Reading { r, bytes: body, src, fold: Vec::new(), scratch: String::new() };
     let first = reading.next().map_err(reason)?;
     let read = if first.token == Token::BeginObject {
         Some(reading.top(kind).map_err(reason)?)
@@ -796,6 +806,10 @@ fn read(kind: Kind, body: &[u8]) -> Result<Read<'_>, String> {
         return Err("invalid JSON".into());
     }
     reading.r.finish().map_err(|_| "trailing data after the JSON object".to_owned())?;
+    // Accepted: all of it is UTF-8.
+    if src.len() != body.len() {
+        return Err("invalid JSON".into());
+    }
     read.ok_or_else(|| "body must be a JSON object".into())
 }
 
@@ -816,7 +830,8 @@ pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request<'_>, String> {
         Some(Val::Str(e)) => Some(e),
         _ => None,
     };
-    let text = |e: Event| jsonscan::cow(body, &e);
+    let src = read.body.src;
+    let text = |e: Event| jsonscan::cow(src, &e);
     // A string's text is empty exactly when its content is: an escape is never empty.
     let empty = |e: &Event| e.end - e.start == 2;
     let mut models = Vec::new();
@@ -952,6 +967,7 @@ pub fn inspect(kind: Kind, body: &[u8]) -> Result<Request<'_>, String> {
         context,
         create_parameters,
         remote,
+        texts: RefCell::new(None),
         body: read.body,
     })
 }
@@ -1145,9 +1161,9 @@ struct Joiner {
     origin: Option<Origin>,
     count: usize,
     first: Option<Event>,
-    concat: Vec<u8>,
-    join: Vec<u8>,
-    tmp: Vec<u8>,
+    concat: String,
+    join: String,
+    tmp: String,
 }
 
 /// Where a block began in a [`Joiner`].
@@ -1168,14 +1184,14 @@ impl Joiner {
     }
 
     /// Writes out a first part kept as a span.
-    fn materialise(&mut self, src: &[u8]) {
+    fn materialise(&mut self, src: &str) {
         if let Some(first) = self.first.take() {
-            jsonscan::decode_into(first.content(src), &mut self.concat);
-            self.join.extend_from_slice(&self.concat);
+            jsonscan::decode_into(first.raw(src), &mut self.concat);
+            self.join.push_str(&self.concat);
         }
     }
 
-    fn add(&mut self, src: &[u8], part: &Event) {
+    fn add(&mut self, src: &str, part: &Event) {
         if self.origin.is_none() {
             return;
         }
@@ -1186,13 +1202,13 @@ impl Joiner {
         }
         self.materialise(src);
         let from = self.concat.len();
-        jsonscan::decode_into(part.content(src), &mut self.concat);
-        self.join.push(b'\n');
-        self.join.extend_from_slice(&self.concat[from..]);
+        jsonscan::decode_into(part.raw(src), &mut self.concat);
+        self.join.push('\n');
+        self.join.push_str(&self.concat[from..]);
         self.count += 1;
     }
 
-    fn mark(&mut self, src: &[u8]) -> Mark {
+    fn mark(&mut self, src: &str) -> Mark {
         if self.count == 1 {
             self.materialise(src);
         }
@@ -1200,7 +1216,7 @@ impl Joiner {
     }
 
     /// A block's `text`: before the parts its `content` added since `mark`.
-    fn add_first(&mut self, src: &[u8], mark: Mark, part: &Event) {
+    fn add_first(&mut self, src: &str, mark: Mark, part: &Event) {
         if self.origin.is_none() {
             return;
         }
@@ -1209,19 +1225,19 @@ impl Joiner {
         }
         self.materialise(src);
         self.tmp.clear();
-        jsonscan::decode_into(part.content(src), &mut self.tmp);
-        self.concat.splice(mark.concat..mark.concat, self.tmp.iter().copied());
+        jsonscan::decode_into(part.raw(src), &mut self.tmp);
+        self.concat.insert_str(mark.concat, &self.tmp);
         // After the separator that precedes the block's first part, if any.
         let at = mark.join + usize::from(mark.count > 0);
-        self.tmp.push(b'\n');
-        self.join.splice(at..at, self.tmp.iter().copied());
+        self.tmp.push('\n');
+        self.join.insert_str(at, &self.tmp);
         self.count += 1;
     }
 }
 
 /// One walk over a body already validated, in body order (see [`Request::scan_from`]).
 struct Walk<'a, 'f> {
-    src: &'a [u8],
+    src: &'a str,
     kind: Kind,
     r: Reader<'a>,
     fold: Vec<u8>,
@@ -1248,6 +1264,14 @@ impl Walk<'_, '_> {
     /// What a key names (folded into `self.fold`; a long key names nothing and is not
     /// copied).
     fn name(&mut self, key: &Event) -> Name {
+        let raw = key.raw(self.src);
+        if !key.escaped && raw.is_ascii() {
+            // The common case: an ASCII key as sent; folding is ASCII case.
+            return NAMES
+                .iter()
+                .find(|(n, _)| n.len() == raw.len() && n.eq_ignore_ascii_case(raw))
+                .map_or(Name::Other, |n| n.1);
+        }
         if !jsonscan::fold_short(self.src, key, MAX_NAME, &mut self.fold) {
             return Name::Other;
         }
@@ -1255,6 +1279,16 @@ impl Walk<'_, '_> {
             .iter()
             .find(|(n, _)| n.as_bytes() == self.fold.as_slice())
             .map_or(Name::Other, |n| n.1)
+    }
+
+    /// Whether a key names `field` (ASCII, lowercase) for Go.
+    fn key_is(&mut self, key: &Event, field: &str) -> bool {
+        let raw = key.raw(self.src);
+        if !key.escaped && raw.is_ascii() {
+            return raw.eq_ignore_ascii_case(field);
+        }
+        jsonscan::fold_short(self.src, key, MAX_NAME, &mut self.fold)
+            && self.fold == field.as_bytes()
     }
 
     /// Whether the object at `at` has a `type` (folded, not null) that is exactly
@@ -1270,7 +1304,7 @@ impl Walk<'_, '_> {
                 return false;
             }
             let Ok(Some(v)) = r.next() else { return false };
-            if self.name(&key) == Name::Other && self.fold == b"type" {
+            if self.key_is(&key, "type") {
                 return v.token == Token::String && jsonscan::is(self.src, &v, "base64");
             }
             if r.skip(&v).is_err() {
@@ -1400,8 +1434,7 @@ impl Walk<'_, '_> {
             && j.count >= 2
         {
             for joined in [&j.concat, &j.join] {
-                let text = std::str::from_utf8(joined).unwrap_or_default();
-                flow = self.offer(Item::Joined(origin, text));
+                flow = self.offer(Item::Joined(origin, joined));
                 if flow.is_break() {
                     break;
                 }
@@ -1418,13 +1451,28 @@ impl<'a> Request<'a> {
     /// message's content ends.
     fn walk(&self, joins: bool, visit: &mut dyn FnMut(Item<'_>) -> ControlFlow<()>) -> bool {
         let src = self.body.src;
+        // The first complete walk notes where the prompt texts are, if they are few for the
+        // body's size (at most 8 bytes each, an eighth of the body in all), so that
+        // `for_each_text` (the digest, `log_prompts`, usage estimates) need not walk again.
+        let mut spans = (self.texts.borrow().is_none() && src.len() < 1 << 31).then(Vec::new);
+        let cap = src.len() / 64 + 16;
+        let mut noting = |item: Item<'_>| {
+            if let (Item::Value(e), Some(list)) = (&item, spans.as_mut()) {
+                if list.len() < cap {
+                    list.push((e.start as u32, e.end as u32 | u32::from(e.escaped) << 31));
+                } else {
+                    spans = None;
+                }
+            }
+            visit(item)
+        };
         let mut walk = Walk {
             src,
             kind: self.kind,
             r: Reader::trusted(src),
             fold: Vec::new(),
             joiner: joins.then(Joiner::default),
-            visit,
+            visit: &mut noting,
         };
         let flow = match walk.next() {
             ControlFlow::Continue(e) if e.token == Token::BeginObject => {
@@ -1432,6 +1480,11 @@ impl<'a> Request<'a> {
             }
             _ => ControlFlow::Break(Stop::Malformed),
         };
+        if flow.is_continue()
+            && let Some(spans) = spans
+        {
+            *self.texts.borrow_mut() = Some(spans);
+        }
         // A body that cannot be walked (never after validation) counts as a hit: fail closed.
         matches!(flow, ControlFlow::Break(_))
     }
@@ -1441,6 +1494,15 @@ impl<'a> Request<'a> {
     /// escapes: what `log_prompts` writes and the prompt digest covers.
     pub fn for_each_text(&self, mut f: impl FnMut(Cow<'a, str>)) {
         let src = self.body.src;
+        if let Some(spans) = &*self.texts.borrow() {
+            for &(start, end) in spans {
+                let escaped = end >> 31 == 1;
+                let end = (end & !(1 << 31)) as usize;
+                let e = Event { token: Token::String, start: start as usize, end, escaped };
+                f(jsonscan::cow(src, &e));
+            }
+            return;
+        }
         self.walk(false, &mut |item| {
             if let Item::Value(e) = item {
                 f(jsonscan::cow(src, &e));
@@ -1463,14 +1525,14 @@ impl<'a> Request<'a> {
     /// come in body order, a message's joined parts when its content ends.
     pub fn scan_from(&self, mut hit: impl FnMut(&str, Origin) -> bool) -> bool {
         let src = self.body.src;
-        let mut scratch = Vec::new();
+        let mut scratch = String::new();
         self.walk(true, &mut |item| {
             let found = match item {
                 Item::Key(e) | Item::Value(e) => {
                     let found = hit(jsonscan::text(src, &e, &mut scratch), Origin::Body);
                     // A long escaped text is decoded once; its buffer is not kept.
                     if scratch.capacity() > SCRATCH_KEPT {
-                        scratch = Vec::new();
+                        scratch = String::new();
                     }
                     found
                 }
@@ -1491,7 +1553,7 @@ impl Body<'_> {
     /// The body with the edits spliced in: members removed with one adjoining comma, new
     /// members appended at the end of their object. Everything else is the bytes as sent.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let src = self.src;
+        let src = self.src.as_bytes();
         // (start, end, replacement), applied in order of start.
         let mut edits: Vec<(usize, usize, Vec<u8>)> = Vec::new();
         let mut top_left = self.top.entries;
@@ -2533,6 +2595,15 @@ mod tests {
             false
         });
         assert_eq!(scanned, old_scanned, "{kind:?} {body}");
+        // Texts noted by the first walk (here `for_each_text`'s, or the scan's) are replayed.
+        let mut replayed = Vec::new();
+        new.for_each_text(|t| replayed.push(t.into_owned()));
+        assert_eq!(replayed, texts.0, "{kind:?} {body}");
+        let fresh = inspect(kind, body.as_bytes()).unwrap();
+        fresh.scan(|_| false);
+        let mut replayed = Vec::new();
+        fresh.for_each_text(|t| replayed.push(t.into_owned()));
+        assert_eq!(replayed, texts.0, "{kind:?} {body}");
 
         // Edits: the same JSON as the tree's re-serialisation, and a body that inspects.
         let as_value = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();

@@ -4,8 +4,8 @@
 //! per key and string, a set of folded keys per object — about thirty times the body for the
 //! worst shapes. This reader builds nothing: it hands out one [`Event`] at a time with the byte
 //! span it covers, and a caller keeps only what it needs (a few fields, the current path).
-//! Strings are spans of the body; a caller that needs the text decodes it ([`text`],
-//! [`decode_into`]), borrowing the body when the string has no escapes.
+//! Strings are spans of the body; a caller that needs the text decodes it ([`text`], [`cow`]),
+//! borrowing the body when the string has no escapes.
 //!
 //! It accepts exactly what `serde_json::from_slice` accepts (the parser butler used before and
 //! the one its tests compare against), with the same reasons for refusing:
@@ -19,6 +19,11 @@
 //!   ([`fold_into`]) are [`Error::Duplicate`], reported where serde_json would have met the
 //!   second one: objects are checked when they close, and on any other error every object still
 //!   open is checked first (a duplicate there came earlier in the body than the error).
+//!
+//! UTF-8 is checked once for the whole body, up front: the first invalid byte is an error when
+//! the reader reaches the string holding it (before that, everything read is valid, so a text
+//! is a slice of [`Reader::text`] and never checked again). Later readings of a body already
+//! accepted take it as `&str` ([`Reader::trusted`]).
 //!
 //! Memory: a stack entry per open array or object (at most [`MAX_DEPTH`]) and, when checking
 //! duplicates, 8 bytes per key of the objects still open (a 32-bit hash of the folded key and
@@ -86,14 +91,9 @@ pub struct Event {
 }
 
 impl Event {
-    /// The bytes between the quotes of a key or string.
-    pub fn content<'a>(&self, src: &'a [u8]) -> &'a [u8] {
+    /// The text between the quotes of a key or string, as sent (escapes not decoded).
+    pub fn raw<'a>(&self, src: &'a str) -> &'a str {
         src.get(self.start + 1..self.end.saturating_sub(1)).unwrap_or_default()
-    }
-
-    /// Whether this event starts a value (every token but an end or a key).
-    pub fn is_value_start(&self) -> bool {
-        !matches!(self.token, Token::EndObject | Token::EndArray | Token::Key)
     }
 }
 
@@ -122,6 +122,8 @@ enum Frame {
 /// complete, then `None`; [`Reader::finish`] then refuses trailing data.
 pub struct Reader<'a> {
     src: &'a [u8],
+    /// The longest prefix of `src` that is UTF-8: all of it, unless the body is refused.
+    text: &'a str,
     pos: usize,
     state: State,
     stack: Vec<Frame>,
@@ -138,36 +140,44 @@ pub struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// A validating reader of the value that makes up `src` (surrounding whitespace allowed).
     pub fn new(src: &'a [u8]) -> Reader<'a> {
-        Reader::with(src, 0, true)
+        let text = match std::str::from_utf8(src) {
+            Ok(text) => text,
+            Err(e) => std::str::from_utf8(&src[..e.valid_up_to()]).unwrap_or_default(),
+        };
+        Reader::with(src, text, 0, true)
     }
 
     /// A reader of a body that a validating reader has already accepted: structure only. It
     /// still never panics and stops at anything malformed.
-    pub fn trusted(src: &'a [u8]) -> Reader<'a> {
-        Reader::with(src, 0, false)
+    pub fn trusted(src: &'a str) -> Reader<'a> {
+        Reader::with(src.as_bytes(), src, 0, false)
     }
 
     /// A trusted reader of the one value that starts at `pos` (a look ahead into part of a
     /// body already accepted).
-    pub fn trusted_at(src: &'a [u8], pos: usize) -> Reader<'a> {
-        Reader::with(src, pos, false)
+    pub fn trusted_at(src: &'a str, pos: usize) -> Reader<'a> {
+        Reader::with(src.as_bytes(), src, pos, false)
     }
 
-    fn with(src: &'a [u8], pos: usize, validate: bool) -> Reader<'a> {
+    fn with(src: &'a [u8], text: &'a str, pos: usize, validate: bool) -> Reader<'a> {
+        // Offsets are kept in 32 bits: no inspected body comes near 4 GiB.
+        let failed = src.len() > u32::MAX as usize;
         Reader {
             src,
+            text,
             pos,
             state: State::Value,
             stack: Vec::new(),
             validate,
             keys: Vec::new(),
             hasher: None,
-            failed: false,
+            failed,
         }
     }
 
-    pub fn src(&self) -> &'a [u8] {
-        self.src
+    /// The body as text, as far as it is UTF-8: every key and string returned lies in it.
+    pub fn text(&self) -> &'a str {
+        self.text
     }
 
     /// Open arrays and objects around the reader's position.
@@ -177,22 +187,26 @@ impl<'a> Reader<'a> {
 
     /// The next event, or `None` once the value is complete.
     #[allow(clippy::should_implement_trait)]
+    #[inline]
     pub fn next(&mut self) -> Result<Option<Event>, Error> {
         if self.failed {
             return Err(Error::Invalid);
         }
         match self.step() {
             Ok(e) => Ok(e),
-            Err(e) => {
-                self.failed = true;
-                // serde_json reports a duplicate key where it meets it: before any error
-                // further on, while its object is still open.
-                if self.validate && e != Error::Duplicate && self.open_objects_have_duplicates() {
-                    Err(Error::Duplicate)
-                } else {
-                    Err(e)
-                }
-            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// An error: serde_json reports a duplicate key where it meets it, before any error
+    /// further on, while its object is still open.
+    #[cold]
+    fn fail(&mut self, e: Error) -> Error {
+        self.failed = true;
+        if self.validate && e != Error::Duplicate && self.open_objects_have_duplicates() {
+            Error::Duplicate
+        } else {
+            e
         }
     }
 
@@ -219,6 +233,7 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
+    #[inline]
     fn skip_ws(&mut self) {
         while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.src.get(self.pos) {
             self.pos += 1;
@@ -229,10 +244,8 @@ impl<'a> Reader<'a> {
         self.src.get(self.pos).copied()
     }
 
+    #[inline]
     fn step(&mut self) -> Result<Option<Event>, Error> {
-        if self.src.len() > u32::MAX as usize {
-            return Err(Error::Invalid);
-        }
         match self.state {
             State::Done => Ok(None),
             State::Value => {
@@ -286,6 +299,7 @@ impl<'a> Reader<'a> {
         Event { token, start, end: self.pos, escaped }
     }
 
+    #[inline]
     fn value(&mut self) -> Result<Event, Error> {
         let start = self.pos;
         let token = match self.peek() {
@@ -351,7 +365,7 @@ impl<'a> Reader<'a> {
     fn end(&mut self, token: Token) -> Result<Event, Error> {
         let start = self.pos;
         if let Some(Frame::Object(from)) = self.stack.last().copied() {
-            if self.validate && has_duplicates(self.src, &mut self.keys[from..]) {
+            if self.validate && has_duplicates(self.text, &mut self.keys[from..]) {
                 return Err(Error::Duplicate);
             }
             self.keys.truncate(from);
@@ -418,19 +432,13 @@ impl<'a> Reader<'a> {
     }
 
     /// A string from its opening quote; returns whether it holds an escape.
+    #[inline]
     fn string(&mut self) -> Result<bool, Error> {
-        let open = self.pos;
         let src = self.src;
-        let mut i = open + 1;
+        let mut i = self.pos + 1;
         let mut escaped = false;
         loop {
-            // The common case: a run of plain bytes.
-            while let Some(&b) = src.get(i) {
-                if b == b'"' || b == b'\\' || b < 0x20 {
-                    break;
-                }
-                i += 1;
-            }
+            i = find_special(src, i);
             match src.get(i) {
                 Some(b'"') => break,
                 Some(b'\\') => {
@@ -441,7 +449,8 @@ impl<'a> Reader<'a> {
                 _ => return Err(Error::Invalid),
             }
         }
-        if self.validate && std::str::from_utf8(&src[open + 1..i]).is_err() {
+        // The first byte that is not UTF-8 is in this string.
+        if self.text.len() < i {
             return Err(Error::Invalid);
         }
         self.pos = i + 1;
@@ -453,16 +462,26 @@ impl<'a> Reader<'a> {
     /// closes.
     fn folded_hash(&mut self, key: &Event) -> u32 {
         let mut hasher = self.hasher.get_or_insert_with(RandomState::new).build_hasher();
+        let raw = key.raw(self.text);
         let mut buf = [0u8; 64];
-        let mut n = 0;
-        for c in chars(key.content(self.src)) {
-            n += fold_char(c, &mut buf[n..]);
-            if n > buf.len() - 4 {
-                hasher.write(&buf[..n]);
-                n = 0;
+        if !key.escaped && raw.is_ascii() {
+            for chunk in raw.as_bytes().chunks(buf.len()) {
+                let lower = &mut buf[..chunk.len()];
+                lower.copy_from_slice(chunk);
+                lower.make_ascii_lowercase();
+                hasher.write(lower);
             }
+        } else {
+            let mut n = 0;
+            for c in chars(raw) {
+                n += fold_char(c, &mut buf[n..]);
+                if n > buf.len() - 4 {
+                    hasher.write(&buf[..n]);
+                    n = 0;
+                }
+            }
+            hasher.write(&buf[..n]);
         }
-        hasher.write(&buf[..n]);
         hasher.finish() as u32
     }
 
@@ -470,7 +489,7 @@ impl<'a> Reader<'a> {
         let mut to = self.keys.len();
         for frame in self.stack.iter().rev() {
             if let Frame::Object(from) = *frame {
-                if has_duplicates(self.src, &mut self.keys[from..to]) {
+                if has_duplicates(self.text, &mut self.keys[from..to]) {
                     return true;
                 }
                 to = from;
@@ -480,10 +499,39 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The first index from `i` on holding `"`, `\` or a control character (below 0x20), or the
+/// end: 8 bytes at a time (the classic "has a zero byte" tests on a 64-bit word), then byte by
+/// byte. A false hit can only follow a true one in the same word, so the lowest is exact.
+fn find_special(src: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x;
+    while let Some(chunk) = src.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        let hits = (zero(w ^ (ONES * u64::from(b'"')))
+            | zero(w ^ (ONES * u64::from(b'\\')))
+            | (w.wrapping_sub(ONES * 0x20) & !w))
+            & HIGH;
+        if hits != 0 {
+            return i + (hits.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while let Some(&b) = src.get(i) {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            break;
+        }
+        i += 1;
+    }
+    i
+}
+
 /// Whether two of an object's keys fold to the same text. Sorts `keys` by hash; keys whose
 /// hashes are equal are compared by their folded text (sorted, so even many colliding keys
 /// cost `n log n`, not `n²`).
-fn has_duplicates(src: &[u8], keys: &mut [(u32, u32)]) -> bool {
+fn has_duplicates(src: &str, keys: &mut [(u32, u32)]) -> bool {
     if keys.len() < 2 {
         return false;
     }
@@ -517,9 +565,14 @@ fn has_duplicates(src: &[u8], keys: &mut [(u32, u32)]) -> bool {
 }
 
 /// Appends the Go folding of a key or string event's text (see [`fold_into`]).
-fn fold_event_into(src: &[u8], event: &Event, out: &mut Vec<u8>) {
+fn fold_event_into(src: &str, event: &Event, out: &mut Vec<u8>) {
+    let raw = event.raw(src);
+    if !event.escaped && raw.is_ascii() {
+        out.extend(raw.bytes().map(|b| b.to_ascii_lowercase()));
+        return;
+    }
     let mut buf = [0u8; 4];
-    for c in chars(event.content(src)) {
+    for c in chars(raw) {
         let n = fold_char(c, &mut buf);
         out.extend_from_slice(&buf[..n]);
     }
@@ -548,12 +601,12 @@ pub fn fold_into(s: &str, out: &mut Vec<u8>) {
     }
 }
 
-/// The folding of a key or string event's text into `out` (cleared first), if its content
-/// is at most `max` bytes as sent: a longer key names none of the fields butler reads, and
-/// is not copied.
-pub fn fold_short(src: &[u8], event: &Event, max: usize, out: &mut Vec<u8>) -> bool {
+/// The folding of a key or string event's text into `out` (cleared first), if it is at most
+/// `max` bytes as sent: a longer key names none of the fields butler reads, and is not
+/// copied.
+pub fn fold_short(src: &str, event: &Event, max: usize, out: &mut Vec<u8>) -> bool {
     out.clear();
-    if event.content(src).len() > max {
+    if event.end - event.start > max + 2 {
         return false;
     }
     fold_event_into(src, event, out);
@@ -562,27 +615,35 @@ pub fn fold_short(src: &[u8], event: &Event, max: usize, out: &mut Vec<u8>) -> b
 
 /// Whether the text of a key or string event starts with `prefix`, decoding no more of it
 /// than that.
-pub fn starts_with(src: &[u8], event: &Event, prefix: &str) -> bool {
-    let mut text = chars(event.content(src));
+pub fn starts_with(src: &str, event: &Event, prefix: &str) -> bool {
+    let raw = event.raw(src);
+    if !event.escaped {
+        return raw.starts_with(prefix);
+    }
+    let mut text = chars(raw);
     prefix.chars().all(|p| text.next() == Some(p))
 }
 
 /// Whether the text of a key or string event is exactly `word`, decoding no more of it than
 /// that.
-pub fn is(src: &[u8], event: &Event, word: &str) -> bool {
-    let mut text = chars(event.content(src));
+pub fn is(src: &str, event: &Event, word: &str) -> bool {
+    let raw = event.raw(src);
+    if !event.escaped {
+        return raw == word;
+    }
+    let mut text = chars(raw);
     word.chars().all(|p| text.next() == Some(p)) && text.next().is_none()
 }
 
-/// The characters of a validated string's content (the bytes between its quotes), escapes
-/// decoded, without copying. Malformed input (never met after validation) ends early.
-pub fn chars(content: &[u8]) -> Chars<'_> {
-    Chars { content, at: 0, run: "".chars() }
+/// The characters of a validated string's raw text (between its quotes), escapes decoded,
+/// without copying. Malformed input (never met after validation) ends early.
+pub fn chars(raw: &str) -> Chars<'_> {
+    Chars { raw, at: 0, run: "".chars() }
 }
 
 /// See [`chars`].
 pub struct Chars<'a> {
-    content: &'a [u8],
+    raw: &'a str,
     at: usize,
     /// The plain run being read.
     run: std::str::Chars<'a>,
@@ -596,34 +657,32 @@ impl Iterator for Chars<'_> {
             if let Some(c) = self.run.next() {
                 return Some(c);
             }
-            let rest = self.content.get(self.at..).filter(|r| !r.is_empty())?;
-            if rest[0] == b'\\' {
-                let end = escape_end(self.content, self.at)?;
-                let c = escape_char(self.content, self.at, end);
+            let rest = self.raw.get(self.at..).filter(|r| !r.is_empty())?;
+            if rest.starts_with('\\') {
+                let end = escape_end(self.raw.as_bytes(), self.at)?;
+                let c = escape_char(self.raw.as_bytes(), self.at, end);
                 self.at = end;
                 return Some(c);
             }
-            // Plain bytes up to the next escape: valid UTF-8 on their own, as no escape
-            // can complete or split a raw character.
-            let len = rest.iter().position(|&b| b == b'\\').unwrap_or(rest.len());
-            self.run = std::str::from_utf8(&rest[..len]).unwrap_or_default().chars();
+            let len = rest.find('\\').unwrap_or(rest.len());
+            self.run = rest[..len].chars();
             self.at += len;
         }
     }
 }
 
-/// The character of the escape `content[at..end]` (checked by [`escape_end`]).
-fn escape_char(content: &[u8], at: usize, end: usize) -> char {
-    match content[at + 1] {
+/// The character of the escape `raw[at..end]` (checked by [`escape_end`]).
+fn escape_char(raw: &[u8], at: usize, end: usize) -> char {
+    match raw[at + 1] {
         b'b' => '\u{8}',
         b'f' => '\u{c}',
         b'n' => '\n',
         b'r' => '\r',
         b't' => '\t',
         b'u' => {
-            let n = u32::from(hex4(content, at + 2).unwrap_or(0));
+            let n = u32::from(hex4(raw, at + 2).unwrap_or(0));
             let c = if end - at == 12 {
-                let n2 = u32::from(hex4(content, at + 8).unwrap_or(0));
+                let n2 = u32::from(hex4(raw, at + 8).unwrap_or(0));
                 0x10000
                     + ((n.wrapping_sub(0xD800) & 0x3ff) << 10)
                     + (n2.wrapping_sub(0xDC00) & 0x3ff)
@@ -675,45 +734,40 @@ fn hex4(src: &[u8], at: usize) -> Option<u16> {
     Some(n)
 }
 
-/// Appends the text of a validated string's content (the bytes between its quotes) with
-/// escapes decoded. Malformed input (never met after validation) ends the decoding early.
-pub fn decode_into(content: &[u8], out: &mut Vec<u8>) {
-    let mut i = 0;
-    while i < content.len() {
-        let run = content[i..].iter().position(|&b| b == b'\\').unwrap_or(content.len() - i);
-        out.extend_from_slice(&content[i..i + run]);
-        i += run;
-        if i >= content.len() {
-            break;
-        }
-        let Some(end) = escape_end(content, i) else { return };
-        let c = escape_char(content, i, end);
-        out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
-        i = end;
+/// Appends the text of a validated string's raw text (between its quotes) with escapes
+/// decoded. Malformed input (never met after validation) ends the decoding early.
+pub fn decode_into(raw: &str, out: &mut String) {
+    let mut rest = raw;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let Some(end) = escape_end(rest.as_bytes(), at) else { return };
+        out.push(escape_char(rest.as_bytes(), at, end));
+        rest = rest.get(end..).unwrap_or_default();
     }
+    out.push_str(rest);
 }
 
 /// The text of a key or string event: borrowed from the body without escapes, else decoded
 /// into `scratch` (cleared first).
-pub fn text<'s>(src: &'s [u8], event: &Event, scratch: &'s mut Vec<u8>) -> &'s str {
-    let content = event.content(src);
+pub fn text<'s>(src: &'s str, event: &Event, scratch: &'s mut String) -> &'s str {
+    let raw = event.raw(src);
     if !event.escaped {
-        return std::str::from_utf8(content).unwrap_or_default();
+        return raw;
     }
     scratch.clear();
-    decode_into(content, scratch);
-    std::str::from_utf8(scratch).unwrap_or_default()
+    decode_into(raw, scratch);
+    scratch
 }
 
 /// The text of a key or string event, borrowed from the body when it has no escapes.
-pub fn cow<'a>(src: &'a [u8], event: &Event) -> Cow<'a, str> {
-    let content = event.content(src);
+pub fn cow<'a>(src: &'a str, event: &Event) -> Cow<'a, str> {
+    let raw = event.raw(src);
     if !event.escaped {
-        return Cow::Borrowed(std::str::from_utf8(content).unwrap_or_default());
+        return Cow::Borrowed(raw);
     }
-    let mut out = Vec::with_capacity(content.len());
-    decode_into(content, &mut out);
-    Cow::Owned(String::from_utf8(out).unwrap_or_default())
+    let mut out = String::with_capacity(raw.len());
+    decode_into(raw, &mut out);
+    Cow::Owned(out)
 }
 
 /// The value of a number token, exactly as serde_json reads it (unsigned, negative or float);
@@ -953,9 +1007,11 @@ mod tests {
             let want: String = serde_json::from_str(&json).unwrap();
             let mut reader = Reader::new(json.as_bytes());
             let event = reader.next().unwrap().unwrap();
-            let mut scratch = Vec::new();
-            assert_eq!(text(json.as_bytes(), &event, &mut scratch), want);
-            assert_eq!(cow(json.as_bytes(), &event), want);
+            let mut scratch = String::new();
+            assert_eq!(text(&json, &event, &mut scratch), want);
+            assert_eq!(cow(&json, &event), want);
+            let decoded: String = chars(event.raw(&json)).collect();
+            assert_eq!(decoded, want);
         }
     }
 
@@ -997,9 +1053,9 @@ mod tests {
         assert_eq!(ours(dup.as_bytes()), Err("duplicate key"));
         // Equal hashes, different keys: the run is compared by text.
         let mut keys = vec![(7u32, 1u32), (7, 8), (7, 15)];
-        let src = br#"{"ab":0,"cd":0,"ef":0}"#;
+        let src = r#"{"ab":0,"cd":0,"ef":0}"#;
         assert!(!has_duplicates(src, &mut keys));
-        let src = br#"{"ab":0,"cd":0,"AB":0}"#;
+        let src = r#"{"ab":0,"cd":0,"AB":0}"#;
         let mut keys = vec![(7u32, 1u32), (7, 8), (7, 15)];
         assert!(has_duplicates(src, &mut keys));
     }

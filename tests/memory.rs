@@ -16,7 +16,7 @@
 mod support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -52,7 +52,7 @@ clients:
     key: "{FILTERED}"
     allow_models: ["*"]
     max_predict: 64
-    deny_prompt_patterns: ["(?i)never present in any body", "zq{{3}}x"]
+    deny_prompt_patterns: ["(?i)never present in any body"]
   - name: nobody
     key: "{NOBODY}"
 "#
@@ -119,7 +119,13 @@ fn key(mut i: usize) -> String {
     String::from_utf8(out).expect("ascii")
 }
 
-fn worst_cases() -> Vec<(&'static str, Vec<u8>)> {
+/// The bodies, built once for both tests.
+fn worst_cases() -> &'static [(&'static str, Vec<u8>)] {
+    static BODIES: OnceLock<Vec<(&'static str, Vec<u8>)>> = OnceLock::new();
+    BODIES.get_or_init(build_worst_cases)
+}
+
+fn build_worst_cases() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         // About 840,000 distinct keys in the top-level object.
         ("one object with tiny keys", fill("", |i| format!("\"k{}\":0", key(i)), "")),
@@ -195,6 +201,12 @@ fn worst_cases() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// The two tests take turns: each keeps both CPUs of a small machine busy for seconds.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn start(fake: &FakeOllama, workers: usize) -> Butler {
     // A canned answer: the fake then does not parse what it receives.
     let answer =
@@ -207,6 +219,11 @@ fn start(fake: &FakeOllama, workers: usize) -> Butler {
 /// `response` log line comes after the body has been freed), so that RSS read afterwards is
 /// butler's state after the request.
 fn post(butler: &Butler, key: &str, body: &[u8]) -> u16 {
+    post_timed(butler, key, body).0
+}
+
+/// [`post`], with how long butler took (its `duration_ms`).
+fn post_timed(butler: &Butler, key: &str, body: &[u8]) -> (u16, u64) {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let id = format!("memory-{}", NEXT.fetch_add(1, Ordering::SeqCst));
     let auth = format!("Bearer {key}");
@@ -215,20 +232,17 @@ fn post(butler: &Butler, key: &str, body: &[u8]) -> u16 {
         ("Content-Type", "application/json"),
         ("X-Request-Id", id.as_str()),
     ];
-    // A generous deadline: this test measures memory, not speed, and an unoptimised build on
-    // a busy two-core machine can take several seconds per 8 MiB body.
+    // A debug build takes seconds over the worst bodies, more when six run at once on a
+    // shared machine: a generous deadline (the test is about memory, not time).
     let mut conn = RawConn::connect(butler.addr());
-    conn.send_request("POST", "/api/chat", &headers, body).expect("request sent");
-    let status = conn
-        .read_response("POST", Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("POST /api/chat ({id}) failed: {e}"))
-        .status;
+    conn.send_request("POST", "/api/chat", &headers, body).expect("send");
+    let status = conn.read_response("POST", Duration::from_secs(120)).expect("response").status;
     let done = butler.wait_log(
         |v| v["msg"] == "response" && v["request_id"] == id.as_str(),
-        Duration::from_secs(30),
+        Duration::from_secs(120),
     );
-    assert!(done.is_some(), "no response log line for {id}\n{}", butler.output());
-    status
+    let Some(done) = done else { panic!("no response log line for {id}\n{}", butler.output()) };
+    (status, done["duration_ms"].as_u64().unwrap_or(0))
 }
 
 /// Warms butler up: every worker thread and code path a large request takes has run once.
@@ -242,6 +256,7 @@ fn warm_up(butler: &Butler) {
 
 #[test]
 fn inspecting_an_8_mib_body_takes_at_most_four_times_its_size() {
+    let _turn = one_at_a_time();
     let fake = FakeOllama::start();
     // One worker, so every request runs on the same (already warm) thread.
     let butler = start(&fake, 1);
@@ -252,14 +267,16 @@ fn inspecting_an_8_mib_body_takes_at_most_four_times_its_size() {
     let mut report = Vec::new();
     let mut failures = Vec::new();
     for (name, body) in worst_cases() {
+        let name = *name;
         for (key, status) in [(FILTERED, 200), (NOBODY, 403)] {
             let (before, _) = rss_and_peak(pid);
             reset_peak(pid);
-            assert_eq!(post(&butler, key, &body), status, "{name}\n{}", butler.output());
+            let (got, ms) = post_timed(&butler, key, body);
+            assert_eq!(got, status, "{name}\n{}", butler.output());
             let (after, peak) = rss_and_peak(pid);
             let extra = peak.saturating_sub(before);
             let line = format!(
-                "{name} ({}, {status}): before {} MiB, peak +{:.1} MiB, after {:+.1} MiB",
+                "{name} ({}, {status}, {ms} ms): before {} MiB, peak +{:.1} MiB, after {:+.1} MiB",
                 if key == FILTERED { "filtered" } else { "nobody" },
                 before / MIB,
                 extra as f64 / MIB as f64,
@@ -296,6 +313,7 @@ fn inspecting_an_8_mib_body_takes_at_most_four_times_its_size() {
 #[test]
 fn six_large_bodies_at_once_give_their_memory_back() {
     const PARALLEL: usize = 6;
+    let _turn = one_at_a_time();
     let fake = FakeOllama::start();
     let butler = Arc::new(start(&fake, PARALLEL));
     let pid = butler.pid();
@@ -303,7 +321,7 @@ fn six_large_bodies_at_once_give_their_memory_back() {
     let small =
         Arc::new(br#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#.to_vec());
     let bodies: Vec<Arc<Vec<u8>>> =
-        worst_cases().into_iter().map(|(_, body)| Arc::new(body)).collect();
+        worst_cases().iter().map(|(_, body)| Arc::new(body.clone())).collect();
     let run_all = |bodies: Vec<Arc<Vec<u8>>>| {
         let barrier = Arc::new(Barrier::new(bodies.len()));
         let threads: Vec<_> = bodies
